@@ -1,0 +1,41 @@
+# The two commands of README's set-up; each creates or refreshes the project venv first.
+#   make demo   distil teacher -> student on the bundled data, tracked in ./mlflow.db
+#   make test   the whole test suite (what CI runs)
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kd-ops-installed
+
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export EVIDENTLY_DISABLE_TELEMETRY := 1
+export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# Re-installs only when the dependency pins change. pip's own warnings about unreadable
+# local index folders are filtered out; real errors still fail the build.
+$(STAMP): pyproject.toml constraints.txt
+	@echo "==> installing kd-ops into $(VENV) (first time: a few minutes)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/kd-ops distill examples/digits.yaml
+	$(BIN)/kd-ops distill examples/mnist5k.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/kd_quality.py
+
+clean:
+	rm -rf $(VENV) mlflow.db mlartifacts

