@@ -23,7 +23,6 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@echo "==> installing kd-ops into $(VENV) (first time: a few minutes)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $@
 

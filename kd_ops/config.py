@@ -63,6 +63,9 @@ class DistillConfig(_Section):
     jitter: float = Field(
         0.0, ge=0, description="std of Gaussian noise (in standardized units) added to transfer inputs each step"
     )
+    mixup: float = Field(
+        0.0, ge=0, description="mixup Beta(a, a) on transfer inputs each step (0 = off); the teacher labels the blends"
+    )
     baseline: bool = Field(True, description="also train the student on labels alone, for comparison")
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ class DistillationModule(L.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         jitter: float = 0.0,
+        mixup: float = 0.0,
     ):
         super().__init__()
         self.student = student
@@ -41,7 +42,9 @@ class DistillationModule(L.LightningModule):
         object.__setattr__(self, "teacher", teacher)
         if teacher is not None:
             freeze(teacher)
-        self.ce_weight, self.lr, self.weight_decay, self.jitter = ce_weight, lr, weight_decay, jitter
+        self.ce_weight, self.lr, self.weight_decay = ce_weight, lr, weight_decay
+        self.jitter, self.mixup = jitter, mixup
+        self._classes: int | None = None
         self.save_hyperparameters(ignore=["student", "teacher", "terms"])
 
     def on_fit_start(self) -> None:
@@ -51,14 +54,33 @@ class DistillationModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        """Input jitter in standardized units: the teacher labels inputs the transfer set never held."""
-        if not self.jitter:
-            return x
-        std = self.student.normalize.std if hasattr(self.student, "normalize") else 1.0
-        return x + torch.randn_like(x) * self.jitter * std
+    def _augment(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Jitter and mixup of the training rows: new inputs for the teacher to label.
+
+        Jitter adds Gaussian noise in standardized units. Mixup blends pairs of rows; the hard
+        target becomes the same blend of one-hot labels, while a teacher labels the blended
+        input itself, which is where distillation gains most on a small transfer set.
+        """
+        if self.jitter:
+            std = self.student.normalize.std if hasattr(self.student, "normalize") else 1.0
+            x = x + torch.randn_like(x) * self.jitter * std
+        if self.mixup:
+            n_classes = self._n_classes(x)
+            lam = torch.distributions.Beta(self.mixup, self.mixup).sample((x.shape[0], 1)).to(x)
+            perm = torch.randperm(x.shape[0], device=x.device)
+            onehot = F.one_hot(y, n_classes).to(x.dtype)
+            x = lam * x + (1 - lam) * x[perm]
+            y = lam * onehot + (1 - lam) * onehot[perm]
+        return x, y
+
+    def _n_classes(self, x: torch.Tensor) -> int:
+        if self._classes is None:
+            with torch.no_grad():
+                self._classes = int(self.student(x[:1]).shape[1])
+        return self._classes
 
     def forward_train(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Student logits and the weighted losses; `y` holds class indices or class probabilities."""
         logits = self.student(x)
         losses: dict[str, torch.Tensor] = {}
         if self.ce_weight:
@@ -72,7 +94,7 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
-        logits, losses = self.forward_train(self._augment(x), y)
+        logits, losses = self.forward_train(*self._augment(x, y))
         loss = sum(losses.values())
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         for name, value in losses.items():

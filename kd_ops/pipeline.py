@@ -212,6 +212,7 @@ def run_distillation(cfg: ExperimentConfig) -> DistillResult:
                     lr=cfg.student.lr,
                     weight_decay=cfg.student.weight_decay,
                     jitter=cfg.distill.jitter,
+                    mixup=cfg.distill.mixup,
                 )
                 L.seed_everything(cfg.seed + 2, workers=True, verbose=False)
                 train_time = _fit(cfg, module, transfer_dm, cfg.student)

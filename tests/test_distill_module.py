@@ -57,3 +57,32 @@ def test_kd_terms_need_a_teacher():
         assert "kd" in str(exc)
     else:
         raise AssertionError("a KD loss without a teacher must be refused")
+
+
+def test_mixup_blends_inputs_and_labels_alike():
+    dm = DistillDataModule(DataConfig(name="digits"), seed=0)
+    teacher, student = _pair(dm)
+    module = DistillationModule(student, teacher, loss_terms(DistillConfig(method="kd")), mixup=0.4)
+    x = torch.as_tensor(dm.arrays("test")[0][:32])
+    y = torch.as_tensor(dm.arrays("test")[1][:32])
+    torch.manual_seed(0)
+    xm, ym = module._augment(x, y)
+    assert ym.shape == (32, 10)
+    torch.testing.assert_close(ym.sum(1), torch.ones(32))
+    # each blended row is lam * x_i + (1 - lam) * x_j with the same lam as its label
+    lam = ym[torch.arange(32), y]
+    assert ((lam >= 0) & (lam <= 1 + 1e-6)).all()
+    assert not torch.equal(xm, x)
+    # a soft target works with the same forward_train (cross-entropy on probabilities)
+    _, losses = module.forward_train(xm, ym)
+    assert set(losses) == {"ce", "kd"} and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_no_augmentation_by_default():
+    dm = DistillDataModule(DataConfig(name="digits"), seed=0)
+    _, student = _pair(dm)
+    module = DistillationModule(student)
+    x = torch.as_tensor(dm.arrays("test")[0][:4])
+    y = torch.as_tensor(dm.arrays("test")[1][:4])
+    xa, ya = module._augment(x, y)
+    assert xa is x and ya is y
