@@ -6,16 +6,33 @@ its values, while `load_config` still reports every wrong name as a config error
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import Any
 
-from kd_ops.config import ConfigError, ExperimentConfig
+from pydantic import BaseModel, ValidationError
+
+from kd_ops.config import ConfigError, ExperimentConfig, ModelSection
 from kd_ops.registry import UnknownComponentError
+
+
+def _param_errors(schema: type[BaseModel], params: dict[str, Any], key: str, what: str) -> list[str]:
+    try:
+        schema.model_validate(params)
+    except ValidationError as err:
+        out = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            value = e.get("input") if e["type"] != "missing" else "(missing)"
+            out.append(f"{key}.{loc} = {value!r}: {msg} ({what})")
+        return out
+    return []
 
 
 def check_components(cfg: ExperimentConfig, source: str) -> None:
     from kd_ops.data import DATASETS
-    from kd_ops.losses import METHODS
+    from kd_ops.losses import LOSSES, STRATEGIES, method_names
     from kd_ops.models import MODELS
+    from kd_ops.strategies import STRATEGY_PARAMS
 
     problems: list[str] = []
 
@@ -27,21 +44,37 @@ def check_components(cfg: ExperimentConfig, source: str) -> None:
             return None
 
     raw = lookup(DATASETS, "data.name", cfg.data.name)
-    lookup(METHODS, "distill.method", cfg.distill.method)
-    for role in ("teacher", "student"):
-        section = getattr(cfg, role)
-        if role == "teacher" and section.uri:
+
+    method = cfg.distill.method
+    if method in STRATEGIES:
+        if method in STRATEGY_PARAMS:
+            problems += _param_errors(STRATEGY_PARAMS[method], cfg.distill.params, "distill.params", f"method {method!r}")
+        if method == "sklearn" and not problems:
+            from kd_ops.sklearn_student import SKLEARN_MODELS
+
+            p = STRATEGY_PARAMS[method].model_validate(cfg.distill.params)
+            entry = lookup(SKLEARN_MODELS, "distill.params.model", p.model)
+            if entry is not None:
+                problems += _param_errors(entry.params, p.params, "distill.params.params", f"sklearn model {p.model!r}")
+    elif method in LOSSES:
+        problems += _param_errors(LOSSES.get(method).Params, cfg.distill.params, "distill.params", f"method {method!r}")
+    else:
+        problems.append(f"distill.method = {method!r}: unknown method; known: {', '.join(method_names())}")
+    for i, spec in enumerate(cfg.distill.losses):
+        cls = lookup(LOSSES, f"distill.losses.{i}.name", spec.name)
+        if cls is not None:
+            problems += _param_errors(cls.Params, spec.params, f"distill.losses.{i}.params", f"loss {spec.name!r}")
+
+    sections: list[tuple[str, ModelSection]] = [("teacher", cfg.teacher), ("student", cfg.student)]
+    sections += [(f"teachers.{i}", t) for i, t in enumerate(cfg.teachers)]
+    for key, section in sections:
+        if getattr(section, "uri", None):
             continue
-        entry = lookup(MODELS, f"{role}.model", section.model)
-        if entry is None:
-            continue
-        try:
-            entry.params.model_validate(section.params)
-        except ValidationError as err:
-            for e in err.errors():
-                loc = ".".join(str(p) for p in e["loc"])
-                msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-                problems.append(f"{role}.params.{loc} = {e.get('input')!r}: {msg} (model {section.model!r})")
+        if method == "sklearn" and key == "student":
+            continue  # the student is a scikit-learn model, described in distill.params
+        entry = lookup(MODELS, f"{key}.model", section.model)
+        if entry is not None:
+            problems += _param_errors(entry.params, section.params, f"{key}.params", f"model {section.model!r}")
 
     if raw is not None:
         n_classes = raw().n_classes

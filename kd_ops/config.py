@@ -12,7 +12,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -55,8 +55,22 @@ class StudentConfig(ModelSection):
     model: str = "mlp"
 
 
+class LossSpec(_Section):
+    name: str
+    weight: float = Field(1.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class CacheConfig(_Section):
+    enabled: bool = Field(True, description="reuse teacher outputs across epochs and runs when inputs do not change")
+    dir: str = Field(".kd-ops/cache", description="where cached teacher outputs are kept")
+    top_k: int | None = Field(None, ge=1, description="keep only the top-k logits per row (many classes)")
+
+
 class DistillConfig(_Section):
     method: str = "kd"
+    params: dict[str, Any] = Field(default_factory=dict, description="parameters of the method")
+    losses: list[LossSpec] = Field(default_factory=list, description="further weighted loss terms")
     temperature: float = Field(4.0, gt=0)
     kd_weight: float = Field(0.9, ge=0)
     ce_weight: float = Field(0.1, ge=0)
@@ -67,10 +81,15 @@ class DistillConfig(_Section):
         0.0, ge=0, description="mixup Beta(a, a) on transfer inputs each step (0 = off); the teacher labels the blends"
     )
     baseline: bool = Field(True, description="also train the student on labels alone, for comparison")
+    combine: Literal["average", "weights", "confidence"] = Field(
+        "average", description="how several teachers' predictions are combined"
+    )
+    teacher_weights: list[float] = Field(default_factory=list, description="per teacher, with combine: weights")
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @model_validator(mode="after")
     def _weights_not_both_zero(self) -> "DistillConfig":
-        if self.method != "none" and self.kd_weight == 0 and self.ce_weight == 0:
+        if self.method not in ("none", "sklearn") and self.kd_weight == 0 and self.ce_weight == 0 and not self.losses:
             raise ValueError("kd_weight and ce_weight are both 0: nothing would be learned")
         return self
 
@@ -102,6 +121,9 @@ class ExperimentConfig(_Section):
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teachers: list[TeacherConfig] = Field(
+        default_factory=list, description="further teachers (trained here or loaded by uri) for multi-teacher KD"
+    )
     student: StudentConfig = Field(default_factory=StudentConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -109,9 +131,23 @@ class ExperimentConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
+    @model_validator(mode="after")
+    def _teacher_weights_fit(self) -> "ExperimentConfig":
+        d = self.distill
+        if d.combine == "weights":
+            n = 1 + len(self.teachers)
+            if len(d.teacher_weights) != n or sum(d.teacher_weights) <= 0 or min(d.teacher_weights) < 0:
+                raise ValueError(
+                    f"distill.teacher_weights = {d.teacher_weights}: combine 'weights' needs {n} non-negative "
+                    f"weights (teacher + {len(self.teachers)} in teachers) with a positive sum"
+                )
+        return self
+
     def hash(self) -> str:
         """Fingerprint of everything that shapes the result (tracking location excluded)."""
-        d = self.model_dump(mode="json", exclude={"tracking": True, "train": {"progress_bar"}})
+        d = self.model_dump(
+            mode="json", exclude={"tracking": True, "train": {"progress_bar"}, "distill": {"cache": {"dir"}}}
+        )
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
@@ -147,6 +183,9 @@ def _error_lines(err: ValidationError, set_keys: set[str]) -> list[str]:
             msg = "unknown key"
         value = e.get("input")
         origin = " (from --set)" if loc in set_keys else ""
+        if not e["loc"]:  # a check across keys: its message names them
+            lines.append(msg)
+            continue
         lines.append(f"{loc} = {_format_value(value)}{origin}: {msg}")
     return lines
 

@@ -7,10 +7,13 @@ on CPU, single-threaded call by call, because that is where a distilled student 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 from torch import nn
 from torchmetrics.functional.classification import multiclass_calibration_error, multiclass_f1_score
 
@@ -60,38 +63,52 @@ def quality_metrics(
     return out
 
 
+def timing_metrics(
+    predict: Callable[[Any], Any], one: Any, batch: Any, latency_repeats: int = 200, throughput_repeats: int = 20
+) -> dict[str, float]:
+    """Batch-of-1 latency percentiles and large-batch throughput of any predict function."""
+    for _ in range(10):
+        predict(one)
+    times = []
+    for _ in range(latency_repeats):
+        t0 = time.perf_counter()
+        predict(one)
+        times.append((time.perf_counter() - t0) * 1000)
+    predict(batch)
+    t0 = time.perf_counter()
+    for _ in range(throughput_repeats):
+        predict(batch)
+    elapsed = time.perf_counter() - t0
+    return {
+        "latency_ms_p50": float(np.percentile(times, 50)),
+        "latency_ms_p95": float(np.percentile(times, 95)),
+        "throughput_per_s": len(batch) * throughput_repeats / elapsed,
+    }
+
+
+@contextmanager
+def single_thread():
+    """Time on one thread: the deployment target of a small student, and stable on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.inference_mode()
 def efficiency_metrics(
     model: nn.Module, n_features: int, latency_repeats: int = 200, throughput_batch: int = 256, throughput_repeats: int = 20
 ) -> dict[str, float]:
     """Size, batch-of-1 latency percentiles and large-batch throughput, on CPU with one thread."""
     model = freeze(model.cpu())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = torch.randn(1, n_features)
-        for _ in range(10):
-            model(one)
-        times = []
-        for _ in range(latency_repeats):
-            t0 = time.perf_counter()
-            model(one)
-            times.append((time.perf_counter() - t0) * 1000)
-        batch = torch.randn(throughput_batch, n_features)
-        model(batch)
-        t0 = time.perf_counter()
-        for _ in range(throughput_repeats):
-            model(batch)
-        elapsed = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(threads)
-    return {
-        "param_count": float(param_count(model)),
-        "model_size_bytes": float(serialized_size(model)),
-        "latency_ms_p50": float(np.percentile(times, 50)),
-        "latency_ms_p95": float(np.percentile(times, 95)),
-        "throughput_per_s": throughput_batch * throughput_repeats / elapsed,
-    }
+    with single_thread():
+        timing = timing_metrics(
+            model, torch.randn(1, n_features), torch.randn(throughput_batch, n_features), latency_repeats, throughput_repeats
+        )
+    return {"param_count": float(param_count(model)), "model_size_bytes": float(serialized_size(model)), **timing}
 
 
 def student_extras(student: dict[str, float], teacher: dict[str, float], agreement: float) -> dict[str, float]:

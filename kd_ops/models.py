@@ -123,13 +123,12 @@ def build_model(
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no gradients, for good.
 
-    A model loaded from MLflow's `pt2` format was exported in eval mode and refuses `eval()`;
-    that refusal is fine, its graph already has eval semantics.
+    Sets each submodule's `training` flag directly rather than calling `eval()`: a model loaded
+    from MLflow's `pt2` format (torch.export) refuses `eval()`, and its graph already has eval
+    semantics, so the flag is all there is to set.
     """
-    try:
-        model.eval()
-    except NotImplementedError:
-        pass
+    for module in model.modules():
+        module.training = False
     model.requires_grad_(False)
     return model
 

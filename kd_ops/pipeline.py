@@ -1,10 +1,13 @@
 """One distillation, end to end: teacher -> baseline -> student, tracked and registered.
 
 This is the library entry point behind `kd-ops distill` (and later the Prefect flows): plain
-functions over a validated config, with MLflow as the only side effect.
+functions over a validated config, with MLflow as the only side effect besides the teacher
+output cache.
 
 Run layout in MLflow: one parent run per call, with nested child runs `teacher`, `baseline`
-and `student` that log the same metric names on the same test split.
+and `student` that log the same metric names on the same test split. Several teachers appear
+as runs nested under `teacher`; born-again generations as a chain of runs nested under
+`student`, each generation inside the one that taught it.
 """
 
 from __future__ import annotations
@@ -14,21 +17,23 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import mlflow
+import numpy as np
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from torch import nn
 
 from kd_ops import tracking
-from kd_ops.config import ConfigError, ExperimentConfig, ModelSection, dump_config
+from kd_ops.config import ConfigError, DistillConfig, ExperimentConfig, ModelSection, dump_config
 from kd_ops.data import DistillDataModule
 from kd_ops.distill import DistillationModule
 from kd_ops.env import apply_offline_defaults
 from kd_ops.evaluation import efficiency_metrics, predict_logits, quality_metrics, student_extras
-from kd_ops.losses import loss_terms
+from kd_ops.losses import build_losses, taps_of
 from kd_ops.models import build_model, freeze
 
 log = logging.getLogger("kd_ops")
@@ -43,14 +48,17 @@ class DistillResult:
     registered: dict[str, Any]
     tracking_uri: str
     experiment_id: str
-    models: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    models: dict[str, Any] = field(default_factory=dict, repr=False)
     datamodule: DistillDataModule | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {role: self.metrics[role] for role in ("teacher", "baseline", "student") if role in self.metrics}
+        out: dict[str, Any] = {r: self.metrics[r] for r in ("teacher", "baseline", "student") if r in self.metrics}
         out["runs"] = self.runs
         out["registered"] = self.registered
         return out
+
+
+# -- training helpers ---------------------------------------------------------------------------
 
 
 def _trainer(cfg: ExperimentConfig, epochs: int, run_id: str) -> L.Trainer:
@@ -78,7 +86,7 @@ def _epochs(section: ModelSection, dm: DistillDataModule) -> int:
     return max(section.epochs, math.ceil(section.min_steps / steps_per_epoch))
 
 
-def _fit(cfg: ExperimentConfig, module: DistillationModule, dm: DistillDataModule, section: ModelSection) -> float:
+def _fit(cfg: ExperimentConfig, module: L.LightningModule, dm: DistillDataModule, section: ModelSection) -> float:
     run_id = mlflow.active_run().info.run_id
     epochs = _epochs(section, dm)
     mlflow.log_param("effective_epochs", epochs)
@@ -93,29 +101,51 @@ def _section_params(section: ModelSection) -> dict[str, Any]:
     return flat
 
 
-def _evaluate(cfg: ExperimentConfig, model: nn.Module, dm: DistillDataModule) -> tuple[dict[str, float], torch.Tensor]:
+def _new_model(section: ModelSection, dm: DistillDataModule, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    mean, std = dm.normalization()
+    return build_model(section.model, section.params, dm.input_shape, dm.n_classes, mean, std)
+
+
+def evaluate(cfg: ExperimentConfig, model: Any, dm: DistillDataModule) -> tuple[dict[str, float], torch.Tensor]:
+    """Test-split quality and CPU efficiency of a torch model or a scikit-learn estimator."""
     x, y = dm.arrays("test")
-    logits = predict_logits(model, x)
-    metrics = quality_metrics(logits, y, dm.slices("test"))
-    metrics.update(
-        efficiency_metrics(
-            model,
-            dm.n_features,
-            latency_repeats=cfg.evaluation.latency_repeats,
-            throughput_batch=cfg.evaluation.throughput_batch,
-            throughput_repeats=cfg.evaluation.throughput_repeats,
-        )
-    )
-    return metrics, logits
+    e = cfg.evaluation
+    if isinstance(model, nn.Module):
+        logits = predict_logits(model, x)
+        eff = efficiency_metrics(model, dm.n_features, e.latency_repeats, e.throughput_batch, e.throughput_repeats)
+    else:
+        from kd_ops.sklearn_student import sklearn_efficiency
+
+        logits = torch.as_tensor(np.log(np.clip(model.predict_proba(x), 1e-12, None)), dtype=torch.float32)
+        eff = sklearn_efficiency(model, dm.n_features, e.latency_repeats, e.throughput_batch, e.throughput_repeats)
+    return {**quality_metrics(logits, y, dm.slices("test")), **eff}, logits
 
 
-def _load_teacher(uri: str, dm: DistillDataModule) -> nn.Module:
+# -- teachers -----------------------------------------------------------------------------------
+
+
+def _load_torch_model(uri: str) -> nn.Module:
+    """An MLflow PyTorch model; a `pt2` one comes back with its module tree (`torch.export.unflatten`).
+
+    MLflow's own loader returns a flat graph, in which no layer has a path: feature taps
+    (hint, attention, embeddings of a named layer) need the tree the model was trained with.
+    """
     import mlflow.pytorch
 
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    exported = sorted(local.rglob("model.pt2"))
+    if not exported:
+        return mlflow.pytorch.load_model(str(local))
+    return torch.export.unflatten(torch.export.load(str(exported[0])))
+
+
+def load_teacher(uri: str, dm: DistillDataModule, key: str = "teacher.uri") -> nn.Module:
+    """Load an MLflow PyTorch model and check it fits the data; ConfigError naming `key` if not."""
     try:
-        model = mlflow.pytorch.load_model(uri)
+        model = _load_torch_model(uri)
     except Exception as exc:  # MLflow raises several types for a URI that does not resolve
-        raise ConfigError(f"teacher.uri = {uri!r}: cannot load it as a PyTorch model: {exc}") from None
+        raise ConfigError(f"{key} = {uri!r}: cannot load it as a PyTorch model: {exc}") from None
     freeze(model)
     probe = torch.as_tensor(dm.arrays("val")[0][:2])
     try:
@@ -123,21 +153,242 @@ def _load_teacher(uri: str, dm: DistillDataModule) -> nn.Module:
             out = model(probe)
     except Exception as exc:
         raise ConfigError(
-            f"teacher.uri = {uri!r}: the model does not accept rows of {dm.n_features} features "
+            f"{key} = {uri!r}: the model does not accept rows of {dm.n_features} features "
             f"from data.name = {dm.cfg.name!r}: {exc}"
         ) from None
     if out.ndim != 2 or out.shape[1] != dm.n_classes:
         raise ConfigError(
-            f"teacher.uri = {uri!r}: the model outputs shape {tuple(out.shape)}, "
+            f"{key} = {uri!r}: the model outputs shape {tuple(out.shape)}, "
             f"expected (batch, {dm.n_classes}) for data.name = {dm.cfg.name!r}"
         )
     return model
 
 
-def _new_model(section: ModelSection, dm: DistillDataModule, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    mean, std = dm.normalization()
-    return build_model(section.model, section.params, dm.input_shape, dm.n_classes, mean, std)
+def _train_teacher(cfg: ExperimentConfig, section: ModelSection, dm: DistillDataModule, seed: int, example) -> tuple[nn.Module, str]:
+    teacher = _new_model(section, dm, seed)
+    module = DistillationModule(teacher, lr=section.lr, weight_decay=section.weight_decay)
+    mlflow.log_params(_section_params(section))
+    mlflow.log_metric("train_time_s", _fit(cfg, module, dm, section))
+    teacher = freeze(module.export())
+    return teacher, tracking.log_torch_model(teacher, example).model_uri
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    cfg: ExperimentConfig
+    dm: DistillDataModule
+    transfer_dm: DistillDataModule
+    experiment_id: str
+    lineage: dict[str, str]
+    example: np.ndarray
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    runs: dict[str, str] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    registered: dict[str, Any] = field(default_factory=dict)
+
+    def child(self, name: str, role: str | None = None, **tags: str):
+        return mlflow.start_run(
+            experiment_id=self.experiment_id, run_name=name, nested=True,
+            tags={tracking.TAG_ROLE: role or name, **self.lineage, **tags},
+        )
+
+
+def _teacher_stage(ctx: _Context, loaded: dict[int, nn.Module]) -> nn.Module:
+    """Train or load every teacher; several become one `TeacherEnsemble`."""
+    cfg = ctx.cfg
+    sections = [cfg.teacher, *cfg.teachers]
+    with ctx.child("teacher") as run:
+        ctx.runs["teacher"] = run.info.run_id
+        members, uris = [], []
+        for i, section in enumerate(sections):
+            if len(sections) == 1:
+                nested = None
+            else:
+                nested = ctx.child(f"teacher-{i}", role="teacher-member")
+                nested.__enter__()
+            try:
+                if section.uri:
+                    model, uri = loaded[i], section.uri
+                    mlflow.log_params({"model": "loaded", "uri": uri})
+                else:
+                    model, uri = _train_teacher(cfg, section, ctx.dm, cfg.seed + 100 * i, ctx.example)
+                if nested is not None:
+                    mlflow.set_tag(tracking.TAG_TEACHER_URI, uri)
+                    mlflow.log_metrics(evaluate(cfg, model, ctx.dm)[0])
+            finally:
+                if nested is not None:
+                    nested.__exit__(None, None, None)
+            members.append(model)
+            uris.append(uri)
+        if len(members) == 1:
+            teacher = members[0]
+        else:
+            from kd_ops.ensemble import TeacherEnsemble
+
+            teacher = freeze(TeacherEnsemble(members, cfg.distill.combine, cfg.distill.teacher_weights))
+            mlflow.log_params({"combine": cfg.distill.combine, "members": len(members)})
+        teacher_uri = ",".join(uris)
+        mlflow.set_tag(tracking.TAG_TEACHER_URI, teacher_uri)
+        ctx.metrics["teacher"], logits = evaluate(cfg, teacher, ctx.dm)
+        mlflow.log_metrics(ctx.metrics["teacher"])
+    ctx.lineage[tracking.TAG_TEACHER_URI] = teacher_uri
+    mlflow.set_tag(tracking.TAG_TEACHER_URI, teacher_uri)
+    ctx.models["teacher"] = teacher
+    ctx.models["teacher_pred"] = logits.argmax(1)
+    return teacher
+
+
+def _teacher_outputs(ctx: _Context, teacher: nn.Module, terms, method_cfg: DistillConfig) -> dict[str, torch.Tensor] | None:
+    """Teacher outputs over the transfer rows, from the on-disk cache; None when inputs change each step."""
+    cache_cfg = method_cfg.cache
+    if not cache_cfg.enabled or not any(t.needs_teacher for t in terms):
+        return None
+    if method_cfg.mixup or method_cfg.jitter:
+        log.warning(
+            "teacher-output cache bypassed: inputs change every step (mixup=%s, jitter=%s); the teacher runs each step",
+            method_cfg.mixup, method_cfg.jitter,
+        )
+        mlflow.set_tag("kd_ops.teacher_cache", "bypassed: augmentation")
+        return None
+    from kd_ops.cache import CacheKey, TeacherCache, compute_teacher_outputs, model_fingerprint
+    from kd_ops.taps import tapped
+
+    paths = taps_of(terms, "teacher")
+    rows = ctx.transfer_dm.splits.transfer
+    x = torch.as_tensor(ctx.dm.raw.x[rows])
+    key = CacheKey(
+        teacher_fingerprint=model_fingerprint(teacher),
+        dataset_fingerprint=f"{ctx.dm.fingerprint()}:transfer",
+        transform=f"identity;{getattr(teacher, 'combine', 'single')}",
+        taps=tuple(paths),
+        top_k=cache_cfg.top_k,
+    )
+    cache = TeacherCache(cache_cfg.dir)
+
+    def compute() -> dict[str, torch.Tensor]:
+        if not paths:
+            return compute_teacher_outputs(teacher, x)
+        with tapped(teacher, paths, "teacher") as tap:
+            return compute_teacher_outputs(teacher, x, features=lambda _: dict(tap.features))
+
+    t0 = time.perf_counter()
+    outputs = cache.get_or_compute(key, compute)
+    hit = cache.hits > 0
+    mlflow.set_tags({"kd_ops.teacher_cache": "hit" if hit else "miss", "kd_ops.teacher_cache_key": key.digest()})
+    mlflow.log_metric("teacher_cache_s", time.perf_counter() - t0)
+    log.info("teacher outputs %s from cache %s", "read" if hit else "written", cache.path_for(key))
+    return outputs
+
+
+def _distillation_module(ctx: _Context, student: nn.Module, teacher: nn.Module | None, method_cfg: DistillConfig) -> L.LightningModule:
+    cfg = ctx.cfg
+    common = dict(
+        ce_weight=method_cfg.ce_weight, lr=cfg.student.lr, weight_decay=cfg.student.weight_decay,
+        jitter=method_cfg.jitter, mixup=method_cfg.mixup, rows=ctx.transfer_dm.splits.transfer,
+    )
+    if method_cfg.method == "mutual":
+        from kd_ops.strategies import MutualModule, MutualParams
+
+        peers = MutualParams.model_validate(method_cfg.params).peers
+        mlflow.log_param("peers", peers)
+        return MutualModule(student, peers, method_cfg.temperature, method_cfg.kd_weight, **common)
+    terms = build_losses(method_cfg)
+    if not terms:
+        common["ce_weight"] = 1.0
+        return DistillationModule(student, **common)
+    try:
+        outputs = _teacher_outputs(ctx, teacher, terms, method_cfg)
+        module = DistillationModule(student, teacher, terms, teacher_outputs=outputs, **common)
+        module.prepare(torch.as_tensor(ctx.example[:4]))
+    except ValueError as exc:  # a tap path that does not exist, shapes that cannot be connected
+        raise ConfigError(f"distill.method = {method_cfg.method!r} (losses {[t.loss_name for t in terms]}): {exc}") from None
+    return module
+
+
+def _train_student(
+    ctx: _Context, teacher: nn.Module | None, method_cfg: DistillConfig, initial: nn.Module | None
+) -> tuple[Any, float]:
+    """One student trained by `method_cfg`; returns it (plain model) and the training seconds."""
+    cfg = ctx.cfg
+    if method_cfg.method == "sklearn":
+        from kd_ops.sklearn_student import distill_to_sklearn
+
+        t0 = time.perf_counter()
+        model = distill_to_sklearn(method_cfg, teacher, ctx.dm, cfg.seed)
+        return model, time.perf_counter() - t0
+    module = _distillation_module(ctx, copy.deepcopy(initial), teacher, method_cfg)
+    L.seed_everything(cfg.seed + 2, workers=True, verbose=False)
+    try:
+        seconds = _fit(cfg, module, ctx.transfer_dm, cfg.student)
+    finally:
+        module.close()
+    return module.export(), seconds
+
+
+def _student_stage(ctx: _Context, role: str, teacher: nn.Module, method_cfg: DistillConfig, initial: nn.Module) -> None:
+    cfg = ctx.cfg
+    with ctx.child(role) as run:
+        ctx.runs[role] = run.info.run_id
+        uses_teacher = method_cfg.method not in ("none", "mutual")
+        params = {**_section_params(cfg.student), "method": method_cfg.method}
+        if uses_teacher:
+            params.update(temperature=method_cfg.temperature, kd_weight=method_cfg.kd_weight)
+        if method_cfg.params:
+            params.update({f"method.{k}": v for k, v in method_cfg.params.items()})
+        for i, spec in enumerate(method_cfg.losses):
+            params[f"loss.{i}"] = f"{spec.name}*{spec.weight}"
+        mlflow.log_params(params)
+
+        if method_cfg.method == "born_again":
+            student, seconds = _born_again_chain(ctx, teacher, method_cfg)
+        else:
+            student, seconds = _train_student(ctx, teacher if uses_teacher else None, method_cfg, initial)
+        metrics, logits = evaluate(cfg, student, ctx.dm)
+        agreement = float((logits.argmax(1) == ctx.models["teacher_pred"]).float().mean())
+        metrics.update(student_extras(metrics, ctx.metrics["teacher"], agreement))
+        metrics["train_time_s"] = seconds
+        mlflow.log_metrics(metrics)
+        ctx.metrics[role] = metrics
+        ctx.models[role] = student
+        if role == "student":
+            _register(ctx, student)
+
+
+def _born_again_chain(ctx: _Context, teacher: nn.Module, method_cfg: DistillConfig) -> tuple[nn.Module, float]:
+    """Generation 1 learns from the teacher, generation k+1 from generation k; each a nested run."""
+    from kd_ops.strategies import BornAgainParams
+
+    generations = BornAgainParams.model_validate(method_cfg.params).generations
+    kd_cfg = method_cfg.model_copy(update={"method": "kd", "params": {}})
+    current, opened, seconds = teacher, [], 0.0
+    try:
+        for gen in range(1, generations + 1):
+            run = ctx.child(f"generation-{gen}", role="generation", **{"kd_ops.generation": str(gen)})
+            run.__enter__()
+            opened.append(run)
+            mlflow.log_params({"generation": gen, **_section_params(ctx.cfg.student)})
+            initial = _new_model(ctx.cfg.student, ctx.dm, ctx.cfg.seed + 1 + gen)
+            student, gen_seconds = _train_student(ctx, current, kd_cfg, initial)
+            seconds += gen_seconds
+            metrics, _ = evaluate(ctx.cfg, student, ctx.dm)
+            mlflow.log_metrics({**metrics, "train_time_s": gen_seconds})
+            current = freeze(student)
+    finally:
+        for run in reversed(opened):
+            run.__exit__(None, None, None)
+    return current, seconds
+
+
+def _register(ctx: _Context, student: Any) -> None:
+    cfg = ctx.cfg
+    if isinstance(student, nn.Module):
+        info = tracking.log_torch_model(student, ctx.example, registered_name=cfg.registry.name)
+    else:
+        info = tracking.log_sklearn_model(student, ctx.example, registered_name=cfg.registry.name)
+    ctx.registered.update(name=cfg.registry.name, version=str(info.registered_model_version), model_uri=info.model_uri)
 
 
 def run_distillation(cfg: ExperimentConfig) -> DistillResult:
@@ -146,109 +397,67 @@ def run_distillation(cfg: ExperimentConfig) -> DistillResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = DistillDataModule(cfg.data, cfg.seed)
     dm.setup()
-    transfer_dm = dm.with_role("transfer")
+    # Teacher URIs that do not resolve or do not fit the data fail before any run exists.
+    sections = [cfg.teacher, *cfg.teachers]
+    loaded = {
+        i: load_teacher(s.uri, dm, "teacher.uri" if i == 0 else f"teachers.{i - 1}.uri")
+        for i, s in enumerate(sections) if s.uri
+    }
     experiment_id = tracking.use_experiment(cfg.tracking.uri, cfg.tracking.experiment)
-    fingerprint, config_hash = dm.fingerprint(), cfg.hash()
     lineage = {
-        tracking.TAG_DATASET: fingerprint,
-        tracking.TAG_CONFIG_HASH: config_hash,
+        tracking.TAG_DATASET: dm.fingerprint(),
+        tracking.TAG_CONFIG_HASH: cfg.hash(),
         tracking.TAG_CODE_VERSION: tracking.code_version(),
     }
-    metrics: dict[str, dict[str, float]] = {}
-    runs: dict[str, str] = {}
-    models: dict[str, nn.Module] = {}
-    registered: dict[str, Any] = {}
-    example = dm.arrays("val")[0][:5]
-
-    # A teacher URI that does not resolve or does not fit the data fails before any run exists.
-    loaded_teacher = _load_teacher(cfg.teacher.uri, dm) if cfg.teacher.uri else None
+    ctx = _Context(cfg, dm, dm.with_role("transfer"), experiment_id, lineage, dm.arrays("val")[0][:5])
 
     run_name = f"{cfg.data.name}-{cfg.distill.method}-seed{cfg.seed}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={tracking.TAG_ROLE: "parent", **lineage}) as parent:
-        runs["parent"] = parent.info.run_id
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          tags={tracking.TAG_ROLE: "parent", **lineage}) as parent:
+        ctx.runs["parent"] = parent.info.run_id
         mlflow.log_params(cfg.flat())
         mlflow.log_text(dump_config(cfg), "config.yaml")
-        mlflow.log_dict(
-            {"train": len(dm.splits.train), "transfer": len(dm.splits.transfer), "val": len(dm.splits.val), "test": len(dm.splits.test)},
-            "splits.json",
-        )
+        mlflow.log_dict({part: len(getattr(dm.splits, part)) for part in ("train", "transfer", "val", "test")},
+                        "splits.json")
 
-        # -- teacher -------------------------------------------------------------------------
-        with mlflow.start_run(experiment_id=experiment_id, run_name="teacher", nested=True, tags={tracking.TAG_ROLE: "teacher", **lineage}) as run:
-            runs["teacher"] = run.info.run_id
-            if cfg.teacher.uri:
-                teacher, teacher_uri = loaded_teacher, cfg.teacher.uri
-                mlflow.log_params({"model": "loaded", "uri": teacher_uri})
-            else:
-                teacher = _new_model(cfg.teacher, dm, cfg.seed)
-                module = DistillationModule(teacher, lr=cfg.teacher.lr, weight_decay=cfg.teacher.weight_decay)
-                mlflow.log_params(_section_params(cfg.teacher))
-                train_time = _fit(cfg, module, dm, cfg.teacher)
-                teacher = module.export()
-                mlflow.log_metric("train_time_s", train_time)
-                teacher_uri = tracking.log_torch_model(teacher, example).model_uri
-            mlflow.set_tag(tracking.TAG_TEACHER_URI, teacher_uri)
-            metrics["teacher"], teacher_logits = _evaluate(cfg, teacher, dm)
-            mlflow.log_metrics(metrics["teacher"])
-            models["teacher"] = teacher
-        lineage[tracking.TAG_TEACHER_URI] = teacher_uri
-        mlflow.set_tag(tracking.TAG_TEACHER_URI, teacher_uri)
-        teacher_pred = teacher_logits.argmax(1)
-
+        teacher = _teacher_stage(ctx, loaded)
         # Baseline and student start from the same initial weights: the loss is the only difference.
-        initial_student = _new_model(cfg.student, dm, cfg.seed + 1)
-
-        def train_student(role: str, method_cfg) -> None:
-            with mlflow.start_run(experiment_id=experiment_id, run_name=role, nested=True, tags={tracking.TAG_ROLE: role, **lineage}) as run:
-                runs[role] = run.info.run_id
-                terms = loss_terms(method_cfg)
-                ce_weight = method_cfg.ce_weight if terms else 1.0
-                mlflow.log_params({**_section_params(cfg.student), "method": method_cfg.method, "temperature": method_cfg.temperature, "kd_weight": method_cfg.kd_weight if terms else 0.0})
-                module = DistillationModule(
-                    copy.deepcopy(initial_student),
-                    teacher=teacher if terms else None,
-                    terms=terms,
-                    ce_weight=ce_weight,
-                    lr=cfg.student.lr,
-                    weight_decay=cfg.student.weight_decay,
-                    jitter=cfg.distill.jitter,
-                    mixup=cfg.distill.mixup,
-                )
-                L.seed_everything(cfg.seed + 2, workers=True, verbose=False)
-                train_time = _fit(cfg, module, transfer_dm, cfg.student)
-                student = module.export()
-                m, logits = _evaluate(cfg, student, dm)
-                m.update(student_extras(m, metrics["teacher"], float((logits.argmax(1) == teacher_pred).float().mean())))
-                m["train_time_s"] = train_time
-                mlflow.log_metrics(m)
-                metrics[role] = m
-                models[role] = student
-                if role == "student":
-                    info = tracking.log_torch_model(student, example, registered_name=cfg.registry.name)
-                    registered.update(name=cfg.registry.name, version=str(info.registered_model_version), model_uri=info.model_uri)
-
-        if cfg.distill.baseline:
-            train_student("baseline", cfg.distill.model_copy(update={"method": "none"}))
-        train_student("student", cfg.distill)
+        initial = _new_model(cfg.student, dm, cfg.seed + 1) if cfg.distill.method != "sklearn" else None
+        if cfg.distill.baseline and cfg.distill.method != "sklearn":
+            baseline_cfg = cfg.distill.model_copy(update={"method": "none", "losses": [], "params": {}})
+            _student_stage(ctx, "baseline", teacher, baseline_cfg, initial)
+        elif cfg.distill.baseline:
+            _student_stage(ctx, "baseline", teacher, _sklearn_baseline(cfg.distill), initial)
+        _student_stage(ctx, "student", teacher, cfg.distill, initial)
 
         tracking.register_with_alias(
             cfg.registry.name,
-            registered["version"],
+            ctx.registered["version"],
             cfg.registry.alias,
-            tags={**lineage, "kd_ops.method": cfg.distill.method, "kd_ops.student_run_id": runs["student"]},
-            description=_describe(cfg, metrics, teacher_uri),
+            tags={**ctx.lineage, "kd_ops.method": cfg.distill.method, "kd_ops.student_run_id": ctx.runs["student"]},
+            description=_describe(cfg, ctx.metrics, ctx.lineage[tracking.TAG_TEACHER_URI]),
         )
-        registered["alias"] = cfg.registry.alias
-        mlflow.log_dict(metrics, "metrics.json")
+        ctx.registered["alias"] = cfg.registry.alias
+        mlflow.log_dict(ctx.metrics, "metrics.json")
 
-    return DistillResult(metrics, runs, registered, cfg.tracking.uri, experiment_id, models, dm)
+    models = {k: v for k, v in ctx.models.items() if k != "teacher_pred"}
+    return DistillResult(ctx.metrics, ctx.runs, ctx.registered, cfg.tracking.uri, experiment_id, models, dm)
+
+
+def _sklearn_baseline(distill: DistillConfig) -> DistillConfig:
+    """The same scikit-learn model fitted on hard labels: the teacher's probabilities replaced by one-hot."""
+    return distill.model_copy(update={"params": {**distill.params, "hard_labels": True}})
 
 
 def _describe(cfg: ExperimentConfig, metrics: dict[str, dict[str, float]], teacher_uri: str) -> str:
     s, t = metrics["student"], metrics["teacher"]
     return (
-        f"{cfg.student.model} student distilled ({cfg.distill.method}, T={cfg.distill.temperature}) from {teacher_uri} "
+        f"{cfg.student.model if cfg.distill.method != 'sklearn' else cfg.distill.params.get('model', 'sklearn')} "
+        f"student distilled ({cfg.distill.method}, T={cfg.distill.temperature}) from {teacher_uri} "
         f"on {cfg.data.name} (train_fraction={cfg.data.train_fraction}). "
         f"Test accuracy {s['test_accuracy']:.4f} vs teacher {t['test_accuracy']:.4f}; "
         f"{s['compression_ratio']:.1f}x fewer parameters, {s['speedup']:.1f}x faster at batch 1."
     )
+
+
+__all__ = ["DistillResult", "evaluate", "load_teacher", "run_distillation"]

@@ -92,6 +92,32 @@ def log_torch_model(
     )
 
 
+def log_sklearn_model(
+    model: Any, example: np.ndarray, registered_name: str | None = None
+) -> "mlflow.models.model.ModelInfo":
+    """Log a scikit-learn student with MLflow's sklearn flavor (skops format: no pickle on load)."""
+    import mlflow.sklearn
+    import sklearn
+    from mlflow.models import infer_signature
+
+    import skops.io
+
+    example = np.asarray(example[:5], dtype=np.float32)
+    # skops refuses types beyond its defaults (tree node arrays, our all-class wrapper) unless
+    # listed; this model was built by this process, so its own types are the ones to trust.
+    trusted = skops.io.get_untrusted_types(data=skops.io.dumps(model)) or None
+    return mlflow.sklearn.log_model(
+        model,
+        name="model",
+        input_example=example,
+        signature=infer_signature(example, model.predict_proba(example)),
+        pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+        registered_model_name=registered_name,
+        pyfunc_predict_fn="predict_proba",
+        skops_trusted_types=trusted,
+    )
+
+
 def register_with_alias(name: str, version: str | int, alias: str, tags: dict[str, str], description: str = "") -> None:
     client = MlflowClient()
     for key, value in tags.items():

@@ -8,7 +8,7 @@ import torch
 from kd_ops.config import DataConfig, DistillConfig
 from kd_ops.data import DistillDataModule
 from kd_ops.distill import DistillationModule
-from kd_ops.losses import loss_terms
+from kd_ops.losses import build_losses
 from kd_ops.models import build_model
 
 
@@ -25,7 +25,7 @@ def test_teacher_weights_and_mode_unchanged_by_distillation():
     teacher.train()  # even a teacher handed over in train mode must be used in eval mode
     before = {k: v.clone() for k, v in teacher.state_dict().items()}  # BN running stats included
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
-    module = DistillationModule(student, teacher, loss_terms(DistillConfig(method="kd")), ce_weight=0.1, jitter=0.3)
+    module = DistillationModule(student, teacher, build_losses(DistillConfig(method="kd")), ce_weight=0.1, jitter=0.3)
     L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, accelerator="cpu").fit(module, datamodule=dm)
     for k, v in teacher.state_dict().items():
@@ -38,7 +38,7 @@ def test_teacher_weights_and_mode_unchanged_by_distillation():
 def test_export_is_the_plain_student():
     dm = DistillDataModule(DataConfig(name="digits"), seed=0)
     teacher, student = _pair(dm)
-    module = DistillationModule(student, teacher, loss_terms(DistillConfig(method="kd")))
+    module = DistillationModule(student, teacher, build_losses(DistillConfig(method="kd")))
     exported = module.export()
     assert type(exported) is type(student)
     assert set(exported.state_dict()) == set(student.state_dict())
@@ -52,9 +52,9 @@ def test_kd_terms_need_a_teacher():
     dm = DistillDataModule(DataConfig(name="digits"), seed=0)
     _, student = _pair(dm)
     try:
-        DistillationModule(student, None, loss_terms(DistillConfig(method="kd")))
+        DistillationModule(student, None, build_losses(DistillConfig(method="kd")))
     except ValueError as exc:
-        assert "kd" in str(exc)
+        assert "KD" in str(exc)
     else:
         raise AssertionError("a KD loss without a teacher must be refused")
 
@@ -62,7 +62,7 @@ def test_kd_terms_need_a_teacher():
 def test_mixup_blends_inputs_and_labels_alike():
     dm = DistillDataModule(DataConfig(name="digits"), seed=0)
     teacher, student = _pair(dm)
-    module = DistillationModule(student, teacher, loss_terms(DistillConfig(method="kd")), mixup=0.4)
+    module = DistillationModule(student, teacher, build_losses(DistillConfig(method="kd")), mixup=0.4)
     x = torch.as_tensor(dm.arrays("test")[0][:32])
     y = torch.as_tensor(dm.arrays("test")[1][:32])
     torch.manual_seed(0)

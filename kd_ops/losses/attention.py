@@ -13,6 +13,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from kd_ops.losses.base import DistillLoss, Step, register_loss
+from kd_ops.models import Params
 
 
 def attention_map(feat: torch.Tensor, p: float = 2) -> torch.Tensor:
@@ -60,3 +64,39 @@ def attention_loss(
             a_teacher = attention_map(t.detach(), p)
         terms.append((attention_map(s, p) - a_teacher).pow(2).mean())
     return torch.stack(terms).mean()
+
+
+# -- registration -----------------------------------------------------------------------------
+
+
+@register_loss("attention")
+class Attention(DistillLoss):
+    """Attention transfer over (student path, teacher path) pairs of conv feature maps."""
+
+    class Params(Params):
+        pairs: list[tuple[str, str]] = Field(min_length=1, description="[[student_path, teacher_path], ...]")
+        p: float = Field(2.0, gt=0)
+
+    @property
+    def student_paths(self) -> tuple[str, ...]:
+        return tuple(s for s, _ in self.params.pairs)
+
+    @property
+    def teacher_paths(self) -> tuple[str, ...]:
+        return tuple(t for _, t in self.params.pairs)
+
+    def prepare(self, student_shapes, teacher_shapes, n_data) -> None:
+        for s, t in self.params.pairs:
+            ss, ts = student_shapes[s], teacher_shapes[t]
+            if len(ss) < 2 or len(ts) < 2 or ss[1:] != ts[1:]:
+                raise ValueError(
+                    f"attention transfer from student {s!r} {ss} to teacher {t!r} {ts}: "
+                    "needs conv feature maps (C, H, W) with the same H and W"
+                )
+
+    def forward(self, step: Step) -> torch.Tensor:
+        return attention_loss(
+            [step.student(s) for s, _ in self.params.pairs],
+            [step.teacher(t) for _, t in self.params.pairs],
+            self.params.p,
+        )

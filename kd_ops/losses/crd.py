@@ -29,9 +29,15 @@ only the teacher *input* is detached.
 
 from __future__ import annotations
 
+from math import prod
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
+
+from kd_ops.losses.base import Step, register_loss
+from kd_ops.losses.rkd import EmbeddingParams, _EmbeddingLoss
 
 
 class CRDLoss(nn.Module):
@@ -161,3 +167,30 @@ class CRDLoss(nn.Module):
             f"n_data={self.n_data}, feat_dim={self.feat_dim}, n_negatives={self.n_negatives}, "
             f"temperature={self.temperature}, momentum={self.momentum}"
         )
+
+
+# -- registration -----------------------------------------------------------------------------
+
+
+
+@register_loss("crd")
+class CRD(_EmbeddingLoss):
+    needs_index = True
+
+    class Params(EmbeddingParams):
+        feat_dim: int = Field(128, ge=1)
+        n_negatives: int = Field(4096, ge=1)
+        nce_temperature: float = Field(0.07, gt=0)
+        momentum: float = Field(0.5, ge=0, lt=1)
+
+    def prepare(self, student_shapes, teacher_shapes, n_data) -> None:
+        p = self.params
+        self.crd = CRDLoss(
+            prod(student_shapes[p.student]), prod(teacher_shapes[p.teacher]), n_data,
+            feat_dim=p.feat_dim, n_negatives=p.n_negatives, temperature=p.nce_temperature, momentum=p.momentum,
+        )
+
+    def forward(self, step: Step) -> torch.Tensor:
+        s = step.student(self.params.student).flatten(1)
+        t = step.teacher(self.params.teacher).flatten(1)
+        return self.crd(s, t, step.index)

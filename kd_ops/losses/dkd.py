@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from kd_ops.losses.base import DistillLoss, Step, register_loss
+from kd_ops.models import Params
 
 
 def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -83,3 +87,23 @@ def dkd_loss(
         reduction="batchmean",
     )
     return (target_weight * tckd + nontarget_weight * nckd) * (t * t)
+
+
+# -- registration -----------------------------------------------------------------------------
+
+
+@register_loss("dkd")
+class DKD(DistillLoss):
+    """Decoupled KD. With mixup the hard target is the dominant label of the blend."""
+
+    class Params(Params):
+        target_weight: float = Field(1.0, ge=0, description="TCKD weight (the paper's alpha)")
+        nontarget_weight: float = Field(8.0, ge=0, description="NCKD weight (the paper's beta)")
+        temperature: float | None = Field(None, gt=0, description="defaults to distill.temperature")
+
+    def forward(self, step: Step) -> torch.Tensor:
+        p = self.params
+        return dkd_loss(
+            step.student_logits, step.teacher_logits, step.hard_target(), self.temperature,
+            p.target_weight, p.nontarget_weight,
+        )

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_ops.losses.base import DistillLoss, Step, register_loss
+from kd_ops.models import Params
+
 
 def _connector(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
     if len(student_shape) == 3 and len(teacher_shape) == 3 and student_shape[1:] == teacher_shape[1:]:
@@ -55,3 +58,32 @@ class HintLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"student_shape={self.student_shape}, teacher_shape={self.teacher_shape}"
+
+
+# -- registration -----------------------------------------------------------------------------
+
+@register_loss("hint")
+class Hint(DistillLoss):
+    """FitNets hint: `student` module path regressed onto `teacher` module path."""
+
+    class Params(Params):
+        student: str
+        teacher: str
+
+    @property
+    def student_paths(self) -> tuple[str, ...]:
+        return (self.params.student,)
+
+    @property
+    def teacher_paths(self) -> tuple[str, ...]:
+        return (self.params.teacher,)
+
+    def prepare(self, student_shapes, teacher_shapes, n_data) -> None:
+        s, t = self.params.student, self.params.teacher
+        try:
+            self.hint = HintLoss(student_shapes[s], teacher_shapes[t])
+        except ValueError as exc:
+            raise ValueError(f"hint from student {s!r} to teacher {t!r}: {exc}") from None
+
+    def forward(self, step: Step) -> torch.Tensor:
+        return self.hint(step.student(self.params.student), step.teacher(self.params.teacher))

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from kd_ops.losses.base import Step, register_loss
+from kd_ops.losses.rkd import EmbeddingParams, _EmbeddingLoss
+
 
 def _conditional_probabilities(emb: torch.Tensor, eps: float) -> torch.Tensor:
     """(B, B) row-stochastic matrix P[i, j] = k(i, j) / sum_m k(i, m), k = (cos + 1) / 2.
@@ -46,3 +49,13 @@ def pkt_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, eps: float = 
     with torch.no_grad():
         q_teacher = _conditional_probabilities(t.detach(), eps)
     return (q_teacher * torch.log((q_teacher + eps) / (p_student + eps))).sum(dim=1).mean()
+
+
+# -- registration -----------------------------------------------------------------------------
+
+@register_loss("pkt")
+class PKT(_EmbeddingLoss):
+    Params = EmbeddingParams
+
+    def forward(self, step: Step) -> torch.Tensor:
+        return pkt_loss(step.student(self.params.student), step.teacher(self.params.teacher))

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from kd_ops.losses.base import LOGITS, DistillLoss, Step, register_loss
+from kd_ops.models import Params
 
 _EPS = 1e-12
 
@@ -87,3 +91,37 @@ def rkd_angle_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torc
     with torch.no_grad():
         t_cos = _triplet_cosines(t.detach())
     return F.smooth_l1_loss(_triplet_cosines(s), t_cos, reduction="mean")
+
+
+# -- registration -----------------------------------------------------------------------------
+
+
+class EmbeddingParams(Params):
+    student: str = Field(LOGITS, description="student module path whose output is the embedding")
+    teacher: str = Field(LOGITS, description="teacher module path whose output is the embedding")
+
+
+class _EmbeddingLoss(DistillLoss):
+    @property
+    def student_paths(self) -> tuple[str, ...]:
+        return (self.params.student,)
+
+    @property
+    def teacher_paths(self) -> tuple[str, ...]:
+        return (self.params.teacher,)
+
+
+@register_loss("rkd")
+class RKD(_EmbeddingLoss):
+    class Params(EmbeddingParams):
+        distance_weight: float = Field(1.0, ge=0)
+        angle_weight: float = Field(2.0, ge=0)
+
+    def forward(self, step: Step) -> torch.Tensor:
+        s, t = step.student(self.params.student), step.teacher(self.params.teacher)
+        loss = s.new_zeros(())
+        if self.params.distance_weight:
+            loss = loss + self.params.distance_weight * rkd_distance_loss(s, t)
+        if self.params.angle_weight and s.shape[0] >= 3:
+            loss = loss + self.params.angle_weight * rkd_angle_loss(s, t)
+        return loss

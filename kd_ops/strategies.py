@@ -1,0 +1,122 @@
+"""Training strategies beyond "frozen teacher + loss terms": their params and modules.
+
+- `mutual` (deep mutual learning, Zhang et al. 2018): two or more peers learn together, each
+  pulled towards the others' predictions; none is frozen, no pre-trained teacher is needed.
+- `born_again` (Furlanello et al. 2018): generation k teaches generation k+1 of the same
+  architecture; the pipeline runs the chain (see `kd_ops.pipeline`).
+- `sklearn`: a scikit-learn model fitted on the teacher's soft targets (`kd_ops.sklearn_student`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from kd_ops.distill import DistillationModule
+from kd_ops.losses.kd import kd_loss
+from kd_ops.models import Params
+
+
+class MutualParams(Params):
+    peers: int = Field(2, ge=2, le=8, description="students trained together")
+
+
+class BornAgainParams(Params):
+    generations: int = Field(2, ge=1, le=10, description="student generations after the teacher")
+
+
+class SklearnParams(Params):
+    model: str = Field("decision_tree", description="decision_tree, gradient_boosting or logistic_regression")
+    params: dict[str, Any] = Field(default_factory=dict)
+    jitter_copies: int = Field(0, ge=0, le=50, description="noisy copies of each transfer row, labelled by the teacher")
+    jitter: float = Field(0.1, ge=0, description="std of the copies' noise, in standardized units")
+    min_weight: float = Field(1e-3, ge=0, lt=1, description="soft-target probabilities below this are dropped")
+    hard_labels: bool = Field(False, description="fit on the true labels instead (the baseline)")
+
+
+STRATEGY_PARAMS: dict[str, type[Params]] = {
+    "mutual": MutualParams,
+    "born_again": BornAgainParams,
+    "sklearn": SklearnParams,
+}
+
+
+def mutual_loss(logits: list[torch.Tensor], index: int, temperature: float) -> torch.Tensor:
+    """Mean KL from each other peer's (detached) distribution to peer `index`'s, times T².
+
+    Each peer is a fixed target for the others within a step, so gradients reach only the
+    peer being updated; KL(p_other || p_self), the direction KD uses, not its reverse.
+    """
+    others = [z for j, z in enumerate(logits) if j != index]
+    return sum(kd_loss(logits[index], z.detach(), temperature) for z in others) / len(others)
+
+
+class MutualModule(DistillationModule):
+    """Peers trained together: peer i minimises ce_weight·CE + kd_weight·mutual_loss(i).
+
+    All peers update in the same step from the same batch. `export()` returns the peer with
+    the best validation accuracy of the last epoch.
+    """
+
+    def __init__(self, student: nn.Module, peers: int, temperature: float, kd_weight: float, **kwargs):
+        super().__init__(student, teacher=None, terms=None, **kwargs)
+        self.peers = nn.ModuleList([student] + [self._fresh_copy(student, i) for i in range(1, peers)])
+        self.temperature, self.kd_weight = temperature, kd_weight
+        self._val_correct = torch.zeros(peers)
+        self._val_seen = 0
+        self.best_peer = 0
+
+    @staticmethod
+    def _fresh_copy(student: nn.Module, seed: int) -> nn.Module:
+        """A peer of the same architecture with its own initialisation (normalisation kept)."""
+        peer = copy.deepcopy(student)
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        with torch.no_grad():
+            for module in peer.modules():
+                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                    bound = 1 / max(module.weight[0].numel(), 1) ** 0.5
+                    module.weight.uniform_(-bound, bound, generator=gen)
+                    if module.bias is not None:
+                        module.bias.uniform_(-bound, bound, generator=gen)
+        return peer
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        x, y = self._augment(x, y)
+        logits = [peer(x) for peer in self.peers]
+        total = 0.0
+        for i, z in enumerate(logits):
+            ce = F.cross_entropy(z, y)
+            ml = mutual_loss(logits, i, self.temperature)
+            total = total + self.ce_weight * ce + self.kd_weight * ml
+            self.log(f"train_loss_peer{i}", self.ce_weight * ce + self.kd_weight * ml, on_step=False, on_epoch=True)
+        self.log("train_loss", total, prog_bar=True, on_step=False, on_epoch=True)
+        return total
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_correct = torch.zeros(len(self.peers))
+        self._val_seen = 0
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        for i, peer in enumerate(self.peers):
+            logits = peer(x)
+            self._val_correct[i] += (logits.argmax(1) == y).sum().cpu()
+            if i == 0:
+                self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, on_epoch=True)
+        self._val_seen += len(y)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self._val_correct / max(self._val_seen, 1)
+        for i, a in enumerate(acc):
+            self.log(f"val_accuracy_peer{i}", float(a))
+        self.best_peer = int(acc.argmax())
+        self.log("val_accuracy", float(acc.max()), prog_bar=True)
+
+    def export(self) -> nn.Module:
+        return copy.deepcopy(self.peers[self.best_peer]).cpu().eval()
