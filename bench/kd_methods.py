@@ -19,7 +19,6 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -35,23 +34,35 @@ METHODS: dict[str, list[str]] = {
     "kd": ["distill.method=kd"],
     "dkd": ["distill.method=dkd", "distill.params={target_weight: 1.0, nontarget_weight: 8.0}"],
     "hint": ["distill.method=hint", "distill.params={student: net.1, teacher: net.head.2}"],
-    "kd+hint": ["distill.method=kd",
-                "distill.losses=[{name: hint, weight: 1.0, params: {student: net.1, teacher: net.head.2}}]"],
+    "kd+hint": [
+        "distill.method=kd",
+        "distill.losses=[{name: hint, weight: 1.0, params: {student: net.1, teacher: net.head.2}}]",
+    ],
     "attention+kd (cnn student)": [
-        "distill.method=kd", "student.model=cnn", "student.params={channels: [8, 16], hidden: 32}",
-        "distill.losses=[{name: attention, weight: 100.0, params: {pairs: [[net.features.2, net.features.2]]}}]"],
+        "distill.method=kd",
+        "student.model=cnn",
+        "student.params={channels: [8, 16], hidden: 32}",
+        "distill.losses=[{name: attention, weight: 100.0, params: {pairs: [[net.features.2, net.features.2]]}}]",
+    ],
     "kd (cnn student)": ["distill.method=kd", "student.model=cnn", "student.params={channels: [8, 16], hidden: 32}"],
     "rkd": ["distill.method=rkd", "distill.params={student: net.1, teacher: net.head.2}"],
     "pkt": ["distill.method=pkt", "distill.params={student: net.1, teacher: net.head.2}"],
     "crd": ["distill.method=crd", "distill.params={student: net.1, teacher: net.head.2, n_negatives: 1024}"],
-    "multi-teacher (confidence)": ["distill.method=kd", "distill.combine=confidence",
-                                   "teachers=[{model: mlp, params: {hidden: [256, 128]}, epochs: 30}]"],
+    "multi-teacher (confidence)": [
+        "distill.method=kd",
+        "distill.combine=confidence",
+        "teachers=[{model: mlp, params: {hidden: [256, 128]}, epochs: 30}]",
+    ],
     "mutual (2 peers)": ["distill.method=mutual", "distill.params={peers: 2}"],
     "born_again (2 generations)": ["distill.method=born_again", "distill.params={generations: 2}"],
-    "sklearn decision_tree": ["distill.method=sklearn",
-                              "distill.params={model: decision_tree, jitter_copies: 4, params: {max_depth: 12}}"],
-    "sklearn logistic_regression": ["distill.method=sklearn",
-                                    "distill.params={model: logistic_regression, jitter_copies: 4}"],
+    "sklearn decision_tree": [
+        "distill.method=sklearn",
+        "distill.params={model: decision_tree, jitter_copies: 4, params: {max_depth: 12}}",
+    ],
+    "sklearn logistic_regression": [
+        "distill.method=sklearn",
+        "distill.params={model: logistic_regression, jitter_copies: 4}",
+    ],
 }
 
 
@@ -67,17 +78,34 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="subset of: " + ", ".join(METHODS))
     parser.add_argument("--min-steps", type=int, default=600)
     parser.add_argument("--out", default=str(RESULTS / "kd_methods"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (1 lets two benches share 2 cores)")
+    parser.add_argument("--resume", nargs="*", default=None, metavar="JSON",
+                        help="earlier results files: their finished (dataset, seed) cells are kept, not re-run")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     rows: list[dict] = []
+    for path in args.resume or []:
+        rows += json.loads(Path(path).read_text())["runs"]
+    done = {(r["dataset"], r["seed"]) for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
-        common = [f"tracking.uri=sqlite:///{tmp}/bench.db", "train.progress_bar=false",
-                  "evaluation.latency_repeats=50", "student.epochs=1", f"student.min_steps={args.min_steps}",
-                  f"distill.cache.dir={tmp}/cache"]
+        common = [
+            f"tracking.uri=sqlite:///{tmp}/bench.db",
+            "train.progress_bar=false",
+            "evaluation.latency_repeats=50",
+            "student.epochs=1",
+            f"student.min_steps={args.min_steps}",
+            f"distill.cache.dir={tmp}/cache",
+        ]
         for name in args.datasets:
             for seed in args.seeds:
+                if (name, seed) in done:
+                    continue
                 teacher_uri = None
                 for fraction in args.fractions:
                     base = [*common, f"seed={seed}", f"data.train_fraction={fraction}"]
@@ -114,8 +142,12 @@ def _run(name: str, sets: list[str]) -> _Ref:
 
 def _row(dataset: str, seed: int, fraction: float, method: str, metrics: dict) -> dict:
     return {
-        "dataset": dataset, "seed": seed, "train_fraction": fraction, "method": method,
-        "test_accuracy": metrics["test_accuracy"], "train_time_s": metrics.get("train_time_s", float("nan")),
+        "dataset": dataset,
+        "seed": seed,
+        "train_fraction": fraction,
+        "method": method,
+        "test_accuracy": metrics["test_accuracy"],
+        "train_time_s": metrics.get("train_time_s", float("nan")),
         "param_count": metrics["param_count"],
     }
 

@@ -51,8 +51,14 @@ def main() -> None:
             for seed in args.seeds:
                 teacher_uri = None
                 for fraction in sorted(args.fractions, reverse=True):
-                    sets = [*args.set, f"seed={seed}", f"data.train_fraction={fraction}", f"tracking.uri={uri}",
-                            "train.progress_bar=false", "evaluation.latency_repeats=50"]
+                    sets = [
+                        *args.set,
+                        f"seed={seed}",
+                        f"data.train_fraction={fraction}",
+                        f"tracking.uri={uri}",
+                        "train.progress_bar=false",
+                        "evaluation.latency_repeats=50",
+                    ]
                     if teacher_uri:
                         sets.append(f"teacher.uri={teacher_uri}")
                     cfg = load_config(ROOT / "examples" / f"{name}.yaml", sets)
@@ -60,7 +66,12 @@ def main() -> None:
                     with contextlib.redirect_stdout(sys.stderr):
                         result = run_distillation(cfg)
                     teacher_uri = teacher_uri or _teacher_uri(result)
-                    row = {"dataset": name, "seed": seed, "train_fraction": fraction, "wall_s": time.perf_counter() - t0}
+                    row = {
+                        "dataset": name,
+                        "seed": seed,
+                        "train_fraction": fraction,
+                        "wall_s": time.perf_counter() - t0,
+                    }
                     for role in ROLES:
                         row[f"{role}_accuracy"] = result.metrics[role]["test_accuracy"]
                     row["student_train_s"] = result.metrics["student"]["train_time_s"]
@@ -80,7 +91,8 @@ def main() -> None:
             summary.append(entry)
 
     lines = [
-        "| dataset | transfer set | seeds | teacher | baseline (labels only) | KD student | KD - baseline | > sum of stds |",
+        "| dataset | transfer set | seeds | teacher | baseline (labels only) | KD student | KD - baseline "
+        "| > sum of stds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for e in summary:

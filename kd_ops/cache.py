@@ -145,8 +145,10 @@ def decompress_topk(stored: dict[str, Tensor], n_classes: int) -> Tensor:
     values, indices, rest = stored[_TOPK_VALUES], stored[_TOPK_INDICES], stored[_TOPK_REST]
     n, k = values.shape
     if indices.shape != (n, k) or rest.shape != (n,) or not 1 <= k < n_classes:
-        raise ValueError(f"inconsistent top-k parts: values {tuple(values.shape)}, indices "
-                         f"{tuple(indices.shape)}, rest {tuple(rest.shape)}, n_classes {n_classes}")
+        raise ValueError(
+            f"inconsistent top-k parts: values {tuple(values.shape)}, indices "
+            f"{tuple(indices.shape)}, rest {tuple(rest.shape)}, n_classes {n_classes}"
+        )
     if n and (int(indices.min()) < 0 or int(indices.max()) >= n_classes):
         raise ValueError(f"top-k indices outside [0, {n_classes})")
     dense = rest.to(values.dtype)[:, None].expand(n, n_classes).clone()
@@ -283,8 +285,11 @@ class TeacherCache:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise _Unusable(f"cannot be loaded: {type(e).__name__}: {str(e)[:200]}") from e
-        if not (isinstance(payload, dict) and isinstance(payload.get("meta"), dict)
-                and isinstance(payload.get("tensors"), dict)):
+        if not (
+            isinstance(payload, dict)
+            and isinstance(payload.get("meta"), dict)
+            and isinstance(payload.get("tensors"), dict)
+        ):
             raise _Unusable("not a cache entry (no meta/tensors dicts)")
         meta, stored = payload["meta"], payload["tensors"]
         if meta.get("format") != FORMAT_VERSION:

@@ -48,7 +48,9 @@ def check_components(cfg: ExperimentConfig, source: str) -> None:
     method = cfg.distill.method
     if method in STRATEGIES:
         if method in STRATEGY_PARAMS:
-            problems += _param_errors(STRATEGY_PARAMS[method], cfg.distill.params, "distill.params", f"method {method!r}")
+            problems += _param_errors(
+                STRATEGY_PARAMS[method], cfg.distill.params, "distill.params", f"method {method!r}"
+            )
         if method == "sklearn" and not problems:
             from kd_ops.sklearn_student import SKLEARN_MODELS
 

@@ -255,5 +255,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-

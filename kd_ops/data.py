@@ -85,9 +85,7 @@ def make_splits(ds: RawDataset, cfg: DataConfig, seed: int) -> Splits:
             rng = np.random.default_rng(seed)
             transfer = np.sort(rng.choice(transfer, size=n_keep, replace=False))
         elif n_keep < len(transfer):
-            transfer, _ = train_test_split(
-                transfer, train_size=n_keep, stratify=ds.y[transfer], random_state=seed
-            )
+            transfer, _ = train_test_split(transfer, train_size=n_keep, stratify=ds.y[transfer], random_state=seed)
             transfer = np.sort(transfer)
     ink = ds.x[train].mean(axis=1)
     edges = np.quantile(ink, [1 / 3, 2 / 3])

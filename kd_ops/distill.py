@@ -131,7 +131,9 @@ class DistillationModule(L.LightningModule):
                 self._classes = int(self.student(x[:1]).shape[1])
         return self._classes
 
-    def _teacher_step(self, x: torch.Tensor, local: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    def _teacher_step(
+        self, x: torch.Tensor, local: torch.Tensor
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         if self.teacher_outputs is not None:
             rows = local.cpu()
             logits = self.teacher_outputs["logits"][rows].to(x.device)
@@ -172,9 +174,26 @@ class DistillationModule(L.LightningModule):
         logits, losses = self.forward_train(x, y, index)
         loss = sum(losses.values())
         self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
-        for name, value in losses.items():
-            self.log(f"train_loss_{name}", value, on_step=False, on_epoch=True)
+        self._accumulate(losses)
         return loss
+
+    def _accumulate(self, losses: dict[str, torch.Tensor]) -> None:
+        """Sum each term's loss over the epoch; logged once per epoch.
+
+        `self.log` costs about as much as a small student's whole forward pass, so calling it
+        per term per step would make distillation look slower than it is.
+        """
+        for name, value in losses.items():
+            self._epoch_terms[name] = self._epoch_terms.get(name, 0.0) + value.detach()
+        self._epoch_steps += 1
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_terms: dict[str, torch.Tensor] = {}
+        self._epoch_steps = 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_steps:
+            self.log_dict({f"train_loss_{k}": v / self._epoch_steps for k, v in self._epoch_terms.items()})
 
     def validation_step(self, batch, batch_idx):
         x, y, _ = batch

@@ -100,13 +100,21 @@ def single_thread():
 
 @torch.inference_mode()
 def efficiency_metrics(
-    model: nn.Module, n_features: int, latency_repeats: int = 200, throughput_batch: int = 256, throughput_repeats: int = 20
+    model: nn.Module,
+    n_features: int,
+    latency_repeats: int = 200,
+    throughput_batch: int = 256,
+    throughput_repeats: int = 20,
 ) -> dict[str, float]:
     """Size, batch-of-1 latency percentiles and large-batch throughput, on CPU with one thread."""
     model = freeze(model.cpu())
     with single_thread():
         timing = timing_metrics(
-            model, torch.randn(1, n_features), torch.randn(throughput_batch, n_features), latency_repeats, throughput_repeats
+            model,
+            torch.randn(1, n_features),
+            torch.randn(throughput_batch, n_features),
+            latency_repeats,
+            throughput_repeats,
         )
     return {"param_count": float(param_count(model)), "model_size_bytes": float(serialized_size(model)), **timing}
 

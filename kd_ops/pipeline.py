@@ -12,6 +12,7 @@ as runs nested under `teacher`; born-again generations as a chain of runs nested
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -164,7 +165,9 @@ def load_teacher(uri: str, dm: DistillDataModule, key: str = "teacher.uri") -> n
     return model
 
 
-def _train_teacher(cfg: ExperimentConfig, section: ModelSection, dm: DistillDataModule, seed: int, example) -> tuple[nn.Module, str]:
+def _train_teacher(
+    cfg: ExperimentConfig, section: ModelSection, dm: DistillDataModule, seed: int, example
+) -> tuple[nn.Module, str]:
     teacher = _new_model(section, dm, seed)
     module = DistillationModule(teacher, lr=section.lr, weight_decay=section.weight_decay)
     mlflow.log_params(_section_params(section))
@@ -191,7 +194,9 @@ class _Context:
 
     def child(self, name: str, role: str | None = None, **tags: str):
         return mlflow.start_run(
-            experiment_id=self.experiment_id, run_name=name, nested=True,
+            experiment_id=self.experiment_id,
+            run_name=name,
+            nested=True,
             tags={tracking.TAG_ROLE: role or name, **self.lineage, **tags},
         )
 
@@ -204,23 +209,16 @@ def _teacher_stage(ctx: _Context, loaded: dict[int, nn.Module]) -> nn.Module:
         ctx.runs["teacher"] = run.info.run_id
         members, uris = [], []
         for i, section in enumerate(sections):
-            if len(sections) == 1:
-                nested = None
-            else:
-                nested = ctx.child(f"teacher-{i}", role="teacher-member")
-                nested.__enter__()
-            try:
+            several = len(sections) > 1
+            with ctx.child(f"teacher-{i}", role="teacher-member") if several else contextlib.nullcontext():
                 if section.uri:
                     model, uri = loaded[i], section.uri
                     mlflow.log_params({"model": "loaded", "uri": uri})
                 else:
                     model, uri = _train_teacher(cfg, section, ctx.dm, cfg.seed + 100 * i, ctx.example)
-                if nested is not None:
+                if several:
                     mlflow.set_tag(tracking.TAG_TEACHER_URI, uri)
                     mlflow.log_metrics(evaluate(cfg, model, ctx.dm)[0])
-            finally:
-                if nested is not None:
-                    nested.__exit__(None, None, None)
             members.append(model)
             uris.append(uri)
         if len(members) == 1:
@@ -241,7 +239,9 @@ def _teacher_stage(ctx: _Context, loaded: dict[int, nn.Module]) -> nn.Module:
     return teacher
 
 
-def _teacher_outputs(ctx: _Context, teacher: nn.Module, terms, method_cfg: DistillConfig) -> dict[str, torch.Tensor] | None:
+def _teacher_outputs(
+    ctx: _Context, teacher: nn.Module, terms, method_cfg: DistillConfig
+) -> dict[str, torch.Tensor] | None:
     """Teacher outputs over the transfer rows, from the on-disk cache; None when inputs change each step."""
     cache_cfg = method_cfg.cache
     if not cache_cfg.enabled or not any(t.needs_teacher for t in terms):
@@ -249,7 +249,8 @@ def _teacher_outputs(ctx: _Context, teacher: nn.Module, terms, method_cfg: Disti
     if method_cfg.mixup or method_cfg.jitter:
         log.warning(
             "teacher-output cache bypassed: inputs change every step (mixup=%s, jitter=%s); the teacher runs each step",
-            method_cfg.mixup, method_cfg.jitter,
+            method_cfg.mixup,
+            method_cfg.jitter,
         )
         mlflow.set_tag("kd_ops.teacher_cache", "bypassed: augmentation")
         return None
@@ -283,11 +284,17 @@ def _teacher_outputs(ctx: _Context, teacher: nn.Module, terms, method_cfg: Disti
     return outputs
 
 
-def _distillation_module(ctx: _Context, student: nn.Module, teacher: nn.Module | None, method_cfg: DistillConfig) -> L.LightningModule:
+def _distillation_module(
+    ctx: _Context, student: nn.Module, teacher: nn.Module | None, method_cfg: DistillConfig
+) -> L.LightningModule:
     cfg = ctx.cfg
     common = dict(
-        ce_weight=method_cfg.ce_weight, lr=cfg.student.lr, weight_decay=cfg.student.weight_decay,
-        jitter=method_cfg.jitter, mixup=method_cfg.mixup, rows=ctx.transfer_dm.splits.transfer,
+        ce_weight=method_cfg.ce_weight,
+        lr=cfg.student.lr,
+        weight_decay=cfg.student.weight_decay,
+        jitter=method_cfg.jitter,
+        mixup=method_cfg.mixup,
+        rows=ctx.transfer_dm.splits.transfer,
     )
     if method_cfg.method == "mutual":
         from kd_ops.strategies import MutualModule, MutualParams
@@ -304,7 +311,9 @@ def _distillation_module(ctx: _Context, student: nn.Module, teacher: nn.Module |
         module = DistillationModule(student, teacher, terms, teacher_outputs=outputs, **common)
         module.prepare(torch.as_tensor(ctx.example[:4]))
     except ValueError as exc:  # a tap path that does not exist, shapes that cannot be connected
-        raise ConfigError(f"distill.method = {method_cfg.method!r} (losses {[t.loss_name for t in terms]}): {exc}") from None
+        raise ConfigError(
+            f"distill.method = {method_cfg.method!r} (losses {[t.loss_name for t in terms]}): {exc}"
+        ) from None
     return module
 
 
@@ -363,12 +372,10 @@ def _born_again_chain(ctx: _Context, teacher: nn.Module, method_cfg: DistillConf
 
     generations = BornAgainParams.model_validate(method_cfg.params).generations
     kd_cfg = method_cfg.model_copy(update={"method": "kd", "params": {}})
-    current, opened, seconds = teacher, [], 0.0
-    try:
+    current, seconds = teacher, 0.0
+    with contextlib.ExitStack() as chain:  # each generation's run stays open while the next one trains
         for gen in range(1, generations + 1):
-            run = ctx.child(f"generation-{gen}", role="generation", **{"kd_ops.generation": str(gen)})
-            run.__enter__()
-            opened.append(run)
+            chain.enter_context(ctx.child(f"generation-{gen}", role="generation", **{"kd_ops.generation": str(gen)}))
             mlflow.log_params({"generation": gen, **_section_params(ctx.cfg.student)})
             initial = _new_model(ctx.cfg.student, ctx.dm, ctx.cfg.seed + 1 + gen)
             student, gen_seconds = _train_student(ctx, current, kd_cfg, initial)
@@ -376,9 +383,6 @@ def _born_again_chain(ctx: _Context, teacher: nn.Module, method_cfg: DistillConf
             metrics, _ = evaluate(ctx.cfg, student, ctx.dm)
             mlflow.log_metrics({**metrics, "train_time_s": gen_seconds})
             current = freeze(student)
-    finally:
-        for run in reversed(opened):
-            run.__exit__(None, None, None)
     return current, seconds
 
 
@@ -401,7 +405,8 @@ def run_distillation(cfg: ExperimentConfig) -> DistillResult:
     sections = [cfg.teacher, *cfg.teachers]
     loaded = {
         i: load_teacher(s.uri, dm, "teacher.uri" if i == 0 else f"teachers.{i - 1}.uri")
-        for i, s in enumerate(sections) if s.uri
+        for i, s in enumerate(sections)
+        if s.uri
     }
     experiment_id = tracking.use_experiment(cfg.tracking.uri, cfg.tracking.experiment)
     lineage = {
@@ -412,13 +417,15 @@ def run_distillation(cfg: ExperimentConfig) -> DistillResult:
     ctx = _Context(cfg, dm, dm.with_role("transfer"), experiment_id, lineage, dm.arrays("val")[0][:5])
 
     run_name = f"{cfg.data.name}-{cfg.distill.method}-seed{cfg.seed}"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                          tags={tracking.TAG_ROLE: "parent", **lineage}) as parent:
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags={tracking.TAG_ROLE: "parent", **lineage}
+    ) as parent:
         ctx.runs["parent"] = parent.info.run_id
         mlflow.log_params(cfg.flat())
         mlflow.log_text(dump_config(cfg), "config.yaml")
-        mlflow.log_dict({part: len(getattr(dm.splits, part)) for part in ("train", "transfer", "val", "test")},
-                        "splits.json")
+        mlflow.log_dict(
+            {part: len(getattr(dm.splits, part)) for part in ("train", "transfer", "val", "test")}, "splits.json"
+        )
 
         teacher = _teacher_stage(ctx, loaded)
         # Baseline and student start from the same initial weights: the loss is the only difference.

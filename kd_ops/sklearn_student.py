@@ -281,8 +281,9 @@ def distill_to_sklearn(method_cfg: Any, teacher: Any, dm: Any, seed: int) -> Bas
         _, std = dm.normalization()
         x_fit = jitter_copies(x, p.jitter_copies, p.jitter, np.random.default_rng(seed), scale=std)
         with torch.inference_mode():
-            logits = torch.cat([teacher(torch.as_tensor(x_fit[i : i + 1024], dtype=torch.float32))
-                                for i in range(0, len(x_fit), 1024)])
+            logits = torch.cat(
+                [teacher(torch.as_tensor(x_fit[i : i + 1024], dtype=torch.float32)) for i in range(0, len(x_fit), 1024)]
+            )
         probs = (logits.float() / method_cfg.temperature).softmax(1).numpy().astype(np.float64)
     with threadpool_limits(limits=1):  # sklearn's OpenMP threads fight torch's on a small machine
         model = fit_soft(p.model, p.params, x_fit, probs, seed, p.min_weight)
@@ -293,7 +294,11 @@ def distill_to_sklearn(method_cfg: Any, teacher: Any, dm: Any, seed: int) -> Bas
 
 
 def sklearn_efficiency(
-    est: BaseEstimator, n_features: int, latency_repeats: int = 200, throughput_batch: int = 256, throughput_repeats: int = 20
+    est: BaseEstimator,
+    n_features: int,
+    latency_repeats: int = 200,
+    throughput_batch: int = 256,
+    throughput_repeats: int = 20,
 ) -> dict[str, float]:
     """The same efficiency metrics as a network's (`kd_ops.evaluation`), for `predict_proba`."""
     from kd_ops.evaluation import single_thread, timing_metrics
@@ -301,8 +306,11 @@ def sklearn_efficiency(
     rng = np.random.default_rng(0)
     with single_thread():
         timing = timing_metrics(
-            est.predict_proba, rng.normal(size=(1, n_features)), rng.normal(size=(throughput_batch, n_features)),
-            latency_repeats, throughput_repeats,
+            est.predict_proba,
+            rng.normal(size=(1, n_features)),
+            rng.normal(size=(throughput_batch, n_features)),
+            latency_repeats,
+            throughput_repeats,
         )
     size = sklearn_size(est)
     return {"param_count": float(size["param_count"]), "model_size_bytes": float(size["model_size_bytes"]), **timing}

@@ -89,13 +89,13 @@ class MutualModule(DistillationModule):
         x, y, _ = batch
         x, y = self._augment(x, y)
         logits = [peer(x) for peer in self.peers]
-        total = 0.0
-        for i, z in enumerate(logits):
-            ce = F.cross_entropy(z, y)
-            ml = mutual_loss(logits, i, self.temperature)
-            total = total + self.ce_weight * ce + self.kd_weight * ml
-            self.log(f"train_loss_peer{i}", self.ce_weight * ce + self.kd_weight * ml, on_step=False, on_epoch=True)
+        losses = {
+            f"peer{i}": self.ce_weight * F.cross_entropy(z, y) + self.kd_weight * mutual_loss(logits, i, self.temperature)
+            for i, z in enumerate(logits)
+        }
+        total = sum(losses.values())
         self.log("train_loss", total, prog_bar=True, on_step=False, on_epoch=True)
+        self._accumulate(losses)
         return total
 
     def on_validation_epoch_start(self) -> None:

@@ -74,7 +74,9 @@ def tapped(model: nn.Module, paths: list[str], role: str = "model") -> Iterator[
 
 
 @torch.no_grad()
-def probe_shapes(model: nn.Module, paths: list[str], example: torch.Tensor, role: str = "model") -> dict[str, tuple[int, ...]]:
+def probe_shapes(
+    model: nn.Module, paths: list[str], example: torch.Tensor, role: str = "model"
+) -> dict[str, tuple[int, ...]]:
     """Output shape (without batch) of each path on one example batch, to size connectors."""
     with tapped(model, paths, role) as tap:
         model(example)

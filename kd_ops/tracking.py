@@ -98,9 +98,8 @@ def log_sklearn_model(
     """Log a scikit-learn student with MLflow's sklearn flavor (skops format: no pickle on load)."""
     import mlflow.sklearn
     import sklearn
-    from mlflow.models import infer_signature
-
     import skops.io
+    from mlflow.models import infer_signature
 
     example = np.asarray(example[:5], dtype=np.float32)
     # skops refuses types beyond its defaults (tree node arrays, our all-class wrapper) unless

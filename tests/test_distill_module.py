@@ -26,8 +26,14 @@ def test_teacher_weights_and_mode_unchanged_by_distillation():
     before = {k: v.clone() for k, v in teacher.state_dict().items()}  # BN running stats included
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     module = DistillationModule(student, teacher, build_losses(DistillConfig(method="kd")), ce_weight=0.1, jitter=0.3)
-    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, accelerator="cpu").fit(module, datamodule=dm)
+    L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    ).fit(module, datamodule=dm)
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), f"teacher tensor {k} changed"
     assert not teacher.training

@@ -112,9 +112,21 @@ def test_cli_json_and_teacher_uri_reuse(distilled, tracking_uri, tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(tiny_raw(tracking_uri)))
     proc = subprocess.run(
-        [sys.executable, "-m", "kd_ops.cli", "distill", str(path), "--json",
-         "--set", f"teacher.uri={teacher_uri}", "--set", "distill.temperature=2"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "kd_ops.cli",
+            "distill",
+            str(path),
+            "--json",
+            "--set",
+            f"teacher.uri={teacher_uri}",
+            "--set",
+            "distill.temperature=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)  # the whole of stdout is one JSON document

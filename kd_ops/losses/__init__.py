@@ -39,5 +39,15 @@ def build_losses(cfg: DistillConfig) -> list[DistillLoss]:
     return terms
 
 
-__all__ = ["LOGITS", "LOSSES", "STRATEGIES", "DistillLoss", "Step", "build_loss", "build_losses", "kd_loss",
-           "method_names", "taps_of"]
+__all__ = [
+    "LOGITS",
+    "LOSSES",
+    "STRATEGIES",
+    "DistillLoss",
+    "Step",
+    "build_loss",
+    "build_losses",
+    "kd_loss",
+    "method_names",
+    "taps_of",
+]

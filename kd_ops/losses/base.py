@@ -61,11 +61,25 @@ class DistillLoss(nn.Module):
     def teacher_paths(self) -> tuple[str, ...]:
         return ()
 
-    def prepare(self, student_shapes: dict[str, tuple[int, ...]], teacher_shapes: dict[str, tuple[int, ...]], n_data: int) -> None:
+    def prepare(
+        self, student_shapes: dict[str, tuple[int, ...]], teacher_shapes: dict[str, tuple[int, ...]], n_data: int
+    ) -> None:
         """Build anything that depends on tapped shapes or on the number of training rows."""
 
     def forward(self, step: Step) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class PairLoss(DistillLoss):
+    """A term reading one student path and one teacher path, named `student` and `teacher` in its params."""
+
+    @property
+    def student_paths(self) -> tuple[str, ...]:
+        return (self.params.student,)
+
+    @property
+    def teacher_paths(self) -> tuple[str, ...]:
+        return (self.params.teacher,)
 
 
 LOSSES: Registry[type[DistillLoss]] = Registry("loss")

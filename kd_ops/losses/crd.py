@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from kd_ops.losses.base import Step, register_loss
-from kd_ops.losses.rkd import EmbeddingParams, _EmbeddingLoss
+from kd_ops.losses.base import PairLoss, Step, register_loss
+from kd_ops.losses.rkd import EmbeddingParams
 
 
 class CRDLoss(nn.Module):
@@ -172,9 +172,8 @@ class CRDLoss(nn.Module):
 # -- registration -----------------------------------------------------------------------------
 
 
-
 @register_loss("crd")
-class CRD(_EmbeddingLoss):
+class CRD(PairLoss):
     needs_index = True
 
     class Params(EmbeddingParams):
@@ -186,8 +185,13 @@ class CRD(_EmbeddingLoss):
     def prepare(self, student_shapes, teacher_shapes, n_data) -> None:
         p = self.params
         self.crd = CRDLoss(
-            prod(student_shapes[p.student]), prod(teacher_shapes[p.teacher]), n_data,
-            feat_dim=p.feat_dim, n_negatives=p.n_negatives, temperature=p.nce_temperature, momentum=p.momentum,
+            prod(student_shapes[p.student]),
+            prod(teacher_shapes[p.teacher]),
+            n_data,
+            feat_dim=p.feat_dim,
+            n_negatives=p.n_negatives,
+            temperature=p.nce_temperature,
+            momentum=p.momentum,
         )
 
     def forward(self, step: Step) -> torch.Tensor:

@@ -104,6 +104,10 @@ class DKD(DistillLoss):
     def forward(self, step: Step) -> torch.Tensor:
         p = self.params
         return dkd_loss(
-            step.student_logits, step.teacher_logits, step.hard_target(), self.temperature,
-            p.target_weight, p.nontarget_weight,
+            step.student_logits,
+            step.teacher_logits,
+            step.hard_target(),
+            self.temperature,
+            p.target_weight,
+            p.nontarget_weight,
         )

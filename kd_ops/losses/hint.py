@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_ops.losses.base import DistillLoss, Step, register_loss
+from kd_ops.losses.base import PairLoss, Step, register_loss
 from kd_ops.models import Params
 
 
@@ -62,21 +62,14 @@ class HintLoss(nn.Module):
 
 # -- registration -----------------------------------------------------------------------------
 
+
 @register_loss("hint")
-class Hint(DistillLoss):
+class Hint(PairLoss):
     """FitNets hint: `student` module path regressed onto `teacher` module path."""
 
     class Params(Params):
         student: str
         teacher: str
-
-    @property
-    def student_paths(self) -> tuple[str, ...]:
-        return (self.params.student,)
-
-    @property
-    def teacher_paths(self) -> tuple[str, ...]:
-        return (self.params.teacher,)
 
     def prepare(self, student_shapes, teacher_shapes, n_data) -> None:
         s, t = self.params.student, self.params.teacher

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kd_ops.losses.base import Step, register_loss
-from kd_ops.losses.rkd import EmbeddingParams, _EmbeddingLoss
+from kd_ops.losses.base import PairLoss, Step, register_loss
+from kd_ops.losses.rkd import EmbeddingParams
 
 
 def _conditional_probabilities(emb: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,8 +53,9 @@ def pkt_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, eps: float = 
 
 # -- registration -----------------------------------------------------------------------------
 
+
 @register_loss("pkt")
-class PKT(_EmbeddingLoss):
+class PKT(PairLoss):
     Params = EmbeddingParams
 
     def forward(self, step: Step) -> torch.Tensor:

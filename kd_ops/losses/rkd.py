@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kd_ops.losses.base import LOGITS, DistillLoss, Step, register_loss
+from kd_ops.losses.base import LOGITS, PairLoss, Step, register_loss
 from kd_ops.models import Params
 
 _EPS = 1e-12
@@ -101,18 +101,8 @@ class EmbeddingParams(Params):
     teacher: str = Field(LOGITS, description="teacher module path whose output is the embedding")
 
 
-class _EmbeddingLoss(DistillLoss):
-    @property
-    def student_paths(self) -> tuple[str, ...]:
-        return (self.params.student,)
-
-    @property
-    def teacher_paths(self) -> tuple[str, ...]:
-        return (self.params.teacher,)
-
-
 @register_loss("rkd")
-class RKD(_EmbeddingLoss):
+class RKD(PairLoss):
     class Params(EmbeddingParams):
         distance_weight: float = Field(1.0, ge=0)
         angle_weight: float = Field(2.0, ge=0)
