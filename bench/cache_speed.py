@@ -62,8 +62,15 @@ def forward_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int = 30) -> fl
 def epoch_seconds(module: DistillationModule, dm: DistillDataModule, epochs: int) -> float:
     timer = EpochTimer()
     L.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
         callbacks=[timer],
     ).fit(module, datamodule=dm)
     return statistics.median(timer.times[1:] or timer.times)
@@ -83,8 +90,9 @@ def main() -> None:
     dm.setup()
     mean, std = dm.normalization()
     torch.manual_seed(0)
-    teacher = freeze(build_model("cnn", {"channels": args.teacher_channels, "hidden": 256}, dm.input_shape,
-                                 dm.n_classes, mean, std))
+    teacher = freeze(
+        build_model("cnn", {"channels": args.teacher_channels, "hidden": 256}, dm.input_shape, dm.n_classes, mean, std)
+    )
     student_init = build_model("mlp", {"hidden": [64]}, dm.input_shape, dm.n_classes, mean, std)
     batch = torch.as_tensor(dm.arrays("transfer")[0][:64])
     cost = {"teacher_ms": forward_ms(teacher, batch), "student_ms": forward_ms(student_init, batch)}
@@ -119,30 +127,44 @@ def main() -> None:
         for v in variants:  # interleaved: a slow spell of the machine hits every variant
             times[v].append(epoch_seconds(make(v), dm, args.epochs))
     epoch = {v: statistics.median(t) for v, t in times.items()}
-    ratios = {"live_over_student": epoch["live"] / epoch["student"], "cached_over_student": epoch["cached"] / epoch["student"]}
+    ratios = {f"{v}_over_student": epoch[v] / epoch["student"] for v in ("live", "cached")}
     within = ratios["cached_over_student"] <= 1.10
 
     machine = f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    table = "\n".join([
-        "| variant | epoch s (median) | x student-only |",
-        "| --- | --- | --- |",
-        *(f"| {v} | {epoch[v]:.3f} | {epoch[v] / epoch['student']:.2f} |" for v in variants),
-    ])
+    table = "\n".join(
+        [
+            "| variant | epoch s (median) | x student-only |",
+            "| --- | --- | --- |",
+            *(f"| {v} | {epoch[v]:.3f} | {epoch[v] / epoch['student']:.2f} |" for v in variants),
+        ]
+    )
     text = (
-        f"mnist5k, {len(rows)} transfer rows, batch {dm.cfg.batch_size}, {args.epochs} epochs x {args.repeats} repeats "
-        f"(first epoch dropped). Teacher CNN {args.teacher_channels} ({param_count(teacher):,} params), student MLP [64] "
-        f"({param_count(student_init):,} params); teacher forward {cost['ratio']:.1f}x the student's "
-        f"({cost['teacher_ms']:.2f} ms vs {cost['student_ms']:.2f} ms per batch of 64). Cache built in {build_s:.2f} s, "
-        f"read back in {read_s:.3f} s. {machine}.\n\n{table}\n\n"
+        f"mnist5k, {len(rows)} transfer rows, batch {dm.cfg.batch_size}, {args.epochs} epochs x {args.repeats} "
+        f"repeats (first epoch dropped). Teacher CNN {args.teacher_channels} ({param_count(teacher):,} params), "
+        f"student MLP [64] ({param_count(student_init):,} params); teacher forward {cost['ratio']:.1f}x the "
+        f"student's ({cost['teacher_ms']:.2f} ms vs {cost['student_ms']:.2f} ms per batch of 64). Cache built in "
+        f"{build_s:.2f} s, read back in {read_s:.3f} s. {machine}.\n\n{table}\n\n"
         f"cached KD within 1.10x of student-only: {'yes' if within else 'no'} ({ratios['cached_over_student']:.2f}x); "
         f"live teacher: {ratios['live_over_student']:.2f}x.\n"
     )
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(
-        {"settings": vars(args), "forward_cost": cost, "epoch_s": epoch, "all_epoch_s": times, "ratios": ratios,
-         "cache_build_s": build_s, "cache_read_s": read_s, "machine": machine}, indent=2))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "settings": vars(args),
+                "forward_cost": cost,
+                "epoch_s": epoch,
+                "all_epoch_s": times,
+                "ratios": ratios,
+                "cache_build_s": build_s,
+                "cache_read_s": read_s,
+                "machine": machine,
+            },
+            indent=2,
+        )
+    )
     out.with_suffix(".md").write_text(text)
 
 

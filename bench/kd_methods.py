@@ -79,8 +79,13 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=600)
     parser.add_argument("--out", default=str(RESULTS / "kd_methods"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (1 lets two benches share 2 cores)")
-    parser.add_argument("--resume", nargs="*", default=None, metavar="JSON",
-                        help="earlier results files: their finished (dataset, seed) cells are kept, not re-run")
+    parser.add_argument(
+        "--resume",
+        nargs="*",
+        default=None,
+        metavar="JSON",
+        help="earlier results files: their finished (dataset, seed) cells are kept, not re-run",
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")

@@ -89,8 +89,9 @@ class MutualModule(DistillationModule):
         x, y, _ = batch
         x, y = self._augment(x, y)
         logits = [peer(x) for peer in self.peers]
+        t = self.temperature
         losses = {
-            f"peer{i}": self.ce_weight * F.cross_entropy(z, y) + self.kd_weight * mutual_loss(logits, i, self.temperature)
+            f"peer{i}": self.ce_weight * F.cross_entropy(z, y) + self.kd_weight * mutual_loss(logits, i, t)
             for i, z in enumerate(logits)
         }
         total = sum(losses.values())
