@@ -67,6 +67,9 @@ METHODS: dict[str, list[str]] = {
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v == v]  # NaN: not measured (the teacher's time in a reused-teacher run)
+    if not values:
+        return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -119,12 +122,14 @@ def main() -> None:
                     teacher_uri = teacher_uri or ref.runs_teacher_uri
                     for role in ("teacher", "baseline"):
                         rows.append(_row(name, seed, fraction, role, ref.metrics[role]))
+                        print(json.dumps(rows[-1]), flush=True)
                     for method in args.methods:
                         sets = [*base, f"teacher.uri={teacher_uri}", "distill.baseline=false", *METHODS[method]]
                         result = ref if method == "kd" else _run(name, sets)
                         rows.append(_row(name, seed, fraction, method, result.metrics["student"]))
                         print(json.dumps(rows[-1]), flush=True)
                 _report(rows, args)  # after every seed: a long run cut short still leaves figures
+    _report(rows, args)
 
 
 class _Ref:

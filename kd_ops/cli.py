@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import sys
+import warnings
 from typing import Sequence
 
 from kd_ops import __version__
@@ -43,6 +44,18 @@ def summary_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """Lightning's start-up banners and tips are noise at the command line.
+
+    Called after the heavy imports: importing Lightning resets its loggers to INFO.
+    """
+    if verbose:
+        return
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # torch/lightning internals, not the user's
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from kd_ops.config import ConfigError, load_config
 
@@ -57,6 +70,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     from kd_ops.pipeline import run_distillation
     from kd_ops.tracking import ui_command
+
+    _quiet_libraries(args.verbose)
 
     real_stdout = sys.stdout
     try:
@@ -99,13 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:  # Lightning's start-up banners and tips are noise at the command line
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    # The handler's own level filters too: libraries imported later set their loggers to INFO.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[handler])
     from kd_ops.env import apply_offline_defaults
 
     apply_offline_defaults()
