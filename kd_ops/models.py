@@ -10,36 +10,24 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
-from dataclasses import dataclass
 from math import prod
-from typing import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from kd_ops.registry import Registry
+from kd_ops.registry import Entry, Registry, entry_decorator
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    params: type[Params]
-    build: Callable[[Params, tuple[int, ...], int], nn.Module]
-
-
-MODELS: Registry[ModelEntry] = Registry("model")
+MODELS: Registry[Entry] = Registry("model")
 
 
 def register_model(name: str, params: type[Params]):
-    def decorator(build):
-        MODELS.register(name)(ModelEntry(params, build))
-        return build
-
-    return decorator
+    return entry_decorator(MODELS, name, params)
 
 
 class Standardize(nn.Module):

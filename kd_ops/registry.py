@@ -6,7 +6,8 @@ component has one registry, filled by a decorator next to the component's defini
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -47,3 +48,25 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A component built from typed params: `params` is a pydantic schema, `build` the factory.
+
+    The schema lets a config error name the exact key (`student.params.hidden`) before anything
+    is built.
+    """
+
+    params: type
+    build: Callable[..., Any]
+
+
+def entry_decorator(registry: "Registry[Entry]", name: str, params: type):
+    """`@decorator` registering the decorated factory under `name` with its params schema."""
+
+    def decorator(build):
+        registry.register(name)(Entry(params, build))
+        return build
+
+    return decorator

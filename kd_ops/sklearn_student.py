@@ -17,8 +17,6 @@ to work (trees are scale-free; lbfgs copes with pixel ranges), so no normaliser 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -30,24 +28,13 @@ from sklearn.tree import DecisionTreeClassifier
 from sklearn.utils.validation import check_is_fitted
 
 from kd_ops.models import Params
-from kd_ops.registry import Registry
+from kd_ops.registry import Entry, Registry, entry_decorator
 
-
-@dataclass(frozen=True)
-class SklearnEntry:
-    params: type[Params]
-    build: Callable[[Params, int], BaseEstimator]
-
-
-SKLEARN_MODELS: Registry[SklearnEntry] = Registry("sklearn model")
+SKLEARN_MODELS: Registry[Entry] = Registry("sklearn model")
 
 
 def register_sklearn_model(name: str, params: type[Params]):
-    def decorator(build):
-        SKLEARN_MODELS.register(name)(SklearnEntry(params, build))
-        return build
-
-    return decorator
+    return entry_decorator(SKLEARN_MODELS, name, params)
 
 
 class DecisionTreeParams(Params):
