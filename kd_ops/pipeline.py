@@ -191,6 +191,7 @@ class _Context:
     runs: dict[str, str] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     registered: dict[str, Any] = field(default_factory=dict)
+    teacher_pred: torch.Tensor | None = None  # the teacher's test-split classes, for agreement
 
     def child(self, name: str, role: str | None = None, **tags: str):
         return mlflow.start_run(
@@ -235,7 +236,7 @@ def _teacher_stage(ctx: _Context, loaded: dict[int, nn.Module]) -> nn.Module:
     ctx.lineage[tracking.TAG_TEACHER_URI] = teacher_uri
     mlflow.set_tag(tracking.TAG_TEACHER_URI, teacher_uri)
     ctx.models["teacher"] = teacher
-    ctx.models["teacher_pred"] = logits.argmax(1)
+    ctx.teacher_pred = logits.argmax(1)
     return teacher
 
 
@@ -356,7 +357,7 @@ def _student_stage(ctx: _Context, role: str, teacher: nn.Module, method_cfg: Dis
         else:
             student, seconds = _train_student(ctx, teacher if uses_teacher else None, method_cfg, initial)
         metrics, logits = evaluate(cfg, student, ctx.dm)
-        agreement = float((logits.argmax(1) == ctx.models["teacher_pred"]).float().mean())
+        agreement = float((logits.argmax(1) == ctx.teacher_pred).float().mean())
         metrics.update(student_extras(metrics, ctx.metrics["teacher"], agreement))
         metrics["train_time_s"] = seconds
         mlflow.log_metrics(metrics)
@@ -447,8 +448,7 @@ def run_distillation(cfg: ExperimentConfig) -> DistillResult:
         ctx.registered["alias"] = cfg.registry.alias
         mlflow.log_dict(ctx.metrics, "metrics.json")
 
-    models = {k: v for k, v in ctx.models.items() if k != "teacher_pred"}
-    return DistillResult(ctx.metrics, ctx.runs, ctx.registered, cfg.tracking.uri, experiment_id, models, dm)
+    return DistillResult(ctx.metrics, ctx.runs, ctx.registered, cfg.tracking.uri, experiment_id, ctx.models, dm)
 
 
 def _sklearn_baseline(distill: DistillConfig) -> DistillConfig:
