@@ -28,18 +28,20 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}"
 
 
-def summary_table(metrics: dict[str, dict[str, float]]) -> str:
-    """Teacher / baseline / student side by side, one metric a row."""
+def summary_table(metrics: dict[str, dict[str, float]], prefix: str = "test") -> str:
+    """Models side by side (teacher, baseline, student, exports), one metric a row."""
     from kd_ops.evaluation import COMMON_METRICS, STUDENT_METRICS
 
-    roles = [r for r in ("teacher", "baseline", "student") if r in metrics]
-    keys = [*COMMON_METRICS, "train_time_s", *STUDENT_METRICS]
+    roles = list(metrics)
+    common = [k.replace("test_", f"{prefix}_", 1) if k.startswith("test_") else k for k in COMMON_METRICS]
+    keys = [*common, "train_time_s", *STUDENT_METRICS]
     keys = [k for k in keys if any(k in metrics[r] for r in roles)]
     width = max(len(k) for k in keys) + 2
-    lines = [f"{'metric':<{width}}" + "".join(f"{r:>14}" for r in roles)]
+    col = max(14, *(len(r) + 2 for r in roles))
+    lines = [f"{'metric':<{width}}" + "".join(f"{r:>{col}}" for r in roles)]
     lines.append("-" * len(lines[0]))
     for k in keys:
-        cells = "".join(f"{_fmt(metrics[r][k]) if k in metrics[r] else '-':>14}" for r in roles)
+        cells = "".join(f"{_fmt(metrics[r][k]) if k in metrics[r] else '-':>{col}}" for r in roles)
         lines.append(f"{k:<{width}}{cells}")
     return "\n".join(lines)
 
@@ -90,10 +92,80 @@ def cmd_distill(args: argparse.Namespace) -> int:
     print(summary_table(result.metrics))
     print(
         f"\nregistered {reg['name']} version {reg['version']} as @{reg['alias']}  ({reg['name']}@{reg['alias']})"
+        + f"\ngates {reg['gates']}: "
+        + (", ".join(f"{g['gate']} {'pass' if g['passed'] else 'FAIL'}" for g in result.gates) or "none configured")
+        + f"\n{'promoted to @champion' if reg['promoted'] else 'not promoted'}; champion: {'v' + reg['champion'] if reg['champion'] else 'none'}"
         f"\nparent run {result.runs['parent']} in experiment {result.experiment_id}"
         f"\nsee it:  {ui_command(result.tracking_uri)}"
         f"\n         then open http://127.0.0.1:5000/#/experiments/{result.experiment_id}"
     )
+    return 0
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    import os
+
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from kd_ops.config import ConfigError, load_config
+
+    overrides = list(args.set or [])
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"kd-ops: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    import mlflow
+
+    from kd_ops.model_eval import evaluate_model
+
+    _quiet_libraries(args.verbose)
+    mlflow.set_tracking_uri(cfg.tracking.uri)  # where models:/ and runs:/ URIs resolve
+    edge = ("onnx", "onnx_int8") if args.edge else ()
+    real_stdout = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = evaluate_model(args.model_uri, cfg, args.split, args.teacher, edge, args.log)
+    except ConfigError as exc:
+        print(f"kd-ops: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        json.dump(result.to_json(), real_stdout)
+        real_stdout.write("\n")
+        return 0
+    print(summary_table(result.metrics, prefix=args.split))
+    if result.run_id:
+        print(f"\nlogged as run {result.run_id}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from kd_ops.promotion import PromotionError, promote
+
+    try:
+        st = promote(args.name, args.version, force=args.force, uri=_tracking_uri(args))
+    except PromotionError as exc:
+        print(f"kd-ops: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(st.to_json()) if args.json else f"{st.name}: champion v{st.champion}, previous v{st.previous}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from kd_ops.promotion import PromotionError, rollback
+
+    try:
+        st = rollback(args.name, uri=_tracking_uri(args))
+    except PromotionError as exc:
+        print(f"kd-ops: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    prev = f"v{st.previous}" if st.previous else "none"
+    print(json.dumps(st.to_json()) if args.json else f"{st.name}: champion v{st.champion}, previous {prev}")
     return 0
 
 
@@ -109,6 +181,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
     p.add_argument("--json", action="store_true", help="print one JSON object with metrics, runs and registration")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("evaluate", help="score a model URI on a split: quality, slices, robustness, efficiency")
+    p.add_argument("model_uri", help="an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...)")
+    p.add_argument("--config", required=True, help="experiment YAML whose data, seed and evaluation settings apply")
+    p.add_argument("--split", default="test", help="train, transfer, val or test (default test)")
+    p.add_argument("--teacher", help="a teacher model URI: adds agreement, retention, compression, speedup")
+    p.add_argument("--edge", action="store_true", help="also score ONNX and int8 ONNX exports (onnxruntime)")
+    p.add_argument("--log", action="store_true", help="log the evaluation as an MLflow run")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    for name, func, helptext in (
+        ("promote", cmd_promote, "make VERSION the champion (its gates must have passed)"),
+        ("rollback", cmd_rollback, "give the champion alias back to the previous champion"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("name", help="registered model name")
+        if name == "promote":
+            p.add_argument("version", help="model version to promote")
+            p.add_argument("--force", action="store_true", help="promote even without passed gates (recorded)")
+        p.add_argument(
+            "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+        )
+        p.add_argument("--json", action="store_true", help="print the aliases as one JSON object")
+        p.set_defaults(func=func)
     return parser
 
 

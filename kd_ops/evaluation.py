@@ -1,37 +1,95 @@
-"""Metrics that teacher and students log under the same names on the same split.
+"""Metrics that teacher, students and edge exports log under the same names on the same split.
 
-Quality metrics come from torchmetrics (F1, calibration error); efficiency metrics are timed
-on CPU, single-threaded call by call, because that is where a distilled student is meant to run.
+A model is wrapped as a `Candidate` (raw rows in, log-probabilities out, plus its size), so a
+network, a scikit-learn estimator and an ONNX file run by onnxruntime are scored by one code
+path. Quality metrics come from torchmetrics (F1, calibration error, confusion matrix);
+efficiency is timed on CPU with one thread, call by call, because that is where a distilled
+student is meant to run, and a single thread keeps the figures stable on a busy machine.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 from torch import nn
-from torchmetrics.functional.classification import multiclass_calibration_error, multiclass_f1_score
+from torchmetrics.functional.classification import (
+    multiclass_calibration_error,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+)
 
 from kd_ops.models import freeze, param_count, serialized_size
 
-# Metric names every model logs (teacher, baseline, student), in table order.
+# Metric names every model logs (teacher, baseline, student, edge exports), in table order.
 COMMON_METRICS = (
     "test_accuracy",
     "test_f1_macro",
     "test_nll",
     "test_ece",
+    "robust_accuracy_noise",
+    "robust_accuracy_shift",
+    "robust_accuracy_contrast",
     "param_count",
     "model_size_bytes",
+    "peak_memory_bytes",
     "latency_ms_p50",
     "latency_ms_p95",
+    "latency_ms_p99",
     "throughput_per_s",
 )
 STUDENT_METRICS = ("agreement_with_teacher", "accuracy_retention", "compression_ratio", "speedup")
+CORRUPTION_KINDS = ("noise", "shift", "contrast")
+
+
+@dataclass
+class Candidate:
+    """One deployable model, however it runs: raw float32 rows -> (n, classes) log-probabilities."""
+
+    name: str
+    predict: Callable[[np.ndarray], np.ndarray]
+    param_count: int
+    size_bytes: int
+    peak_memory: Callable[[np.ndarray], int] = field(repr=False, default=lambda x: 0)
+
+
+@dataclass
+class EvaluationSettings:
+    """How hard to time: from the config's `evaluation` section (defaults match it)."""
+
+    latency_repeats: int = 200
+    throughput_batch: int = 256
+    throughput_batches: Sequence[int] = (1, 32, 256)
+    throughput_repeats: int = 20
+    robustness: bool = True
+
+    @classmethod
+    def from_config(cls, section: Any) -> "EvaluationSettings":
+        return cls(
+            section.latency_repeats,
+            section.throughput_batch,
+            tuple(section.throughput_batches),
+            section.throughput_repeats,
+            section.robustness,
+        )
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one candidate on one split, plus what does not fit in a metric."""
+
+    metrics: dict[str, float]
+    logits: torch.Tensor = field(repr=False)
+    confusion: np.ndarray = field(repr=False)
+
+
+# -- candidates -----------------------------------------------------------------------------------
 
 
 @torch.inference_mode()
@@ -40,6 +98,92 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> t
     device = next(iter(model.parameters()), torch.empty(0)).device
     xs = torch.as_tensor(x, dtype=torch.float32)
     return torch.cat([model(xs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(xs), batch_size)])
+
+
+def activation_peak_bytes(model: nn.Module, x: np.ndarray) -> int:
+    """Peak bytes allocated during one forward pass, from the torch profiler's memory events.
+
+    The profiler attributes each allocation and free to the op (or free-standing memory event)
+    that made it; walking them in time order gives the high-water mark of live activations.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    xs = torch.as_tensor(x, dtype=torch.float32)
+    with _native_stderr_silenced(), torch.inference_mode():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model(xs)
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return int(peak)
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """The profiler's C++ side prints start/stop lines straight to file descriptor 2."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def torch_candidate(model: nn.Module, name: str = "torch") -> Candidate:
+    model = freeze(model.cpu())
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.as_tensor(x, dtype=torch.float32)).numpy()
+
+    return Candidate(
+        name,
+        predict,
+        param_count(model),
+        serialized_size(model),
+        lambda x: _weight_bytes(model) + activation_peak_bytes(model, x),
+    )
+
+
+def sklearn_candidate(est: Any, name: str = "sklearn") -> Candidate:
+    import tracemalloc
+
+    from kd_ops.sklearn_student import sklearn_size
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return np.log(np.clip(est.predict_proba(x), 1e-12, None)).astype(np.float32)
+
+    def peak(x: np.ndarray) -> int:  # numpy's buffers are traced by tracemalloc
+        tracemalloc.start()
+        try:
+            predict(x)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    size = sklearn_size(est)
+    return Candidate(
+        name, predict, size["param_count"], size["model_size_bytes"], lambda x: size["model_size_bytes"] + peak(x)
+    )
+
+
+def model_candidate(model: Any, name: str) -> Candidate:
+    return torch_candidate(model, name) if isinstance(model, nn.Module) else sklearn_candidate(model, name)
+
+
+# -- metrics ----------------------------------------------------------------------------------
 
 
 def quality_metrics(
@@ -63,10 +207,30 @@ def quality_metrics(
     return out
 
 
+def confusion(logits: torch.Tensor, y: np.ndarray) -> np.ndarray:
+    """Rows: true class; columns: predicted class; counts."""
+    target = torch.as_tensor(y, dtype=torch.long)
+    return multiclass_confusion_matrix(logits.argmax(1), target, logits.shape[1]).numpy()
+
+
 def timing_metrics(
-    predict: Callable[[Any], Any], one: Any, batch: Any, latency_repeats: int = 200, throughput_repeats: int = 20
+    predict: Callable[[Any], Any],
+    rows: np.ndarray,
+    latency_repeats: int = 200,
+    throughput_batch: int = 256,
+    throughput_batches: Sequence[int] = (),
+    throughput_repeats: int = 20,
 ) -> dict[str, float]:
-    """Batch-of-1 latency percentiles and large-batch throughput of any predict function."""
+    """Batch-of-1 latency percentiles and throughput at each batch size, of any predict function.
+
+    `rows` are real inputs (tiled when a batch needs more): some models (trees) take time that
+    depends on the values.
+    """
+
+    def batch(n: int) -> np.ndarray:
+        return np.ascontiguousarray(np.resize(rows, (n, rows.shape[1])), dtype=np.float32)
+
+    one = batch(1)
     for _ in range(10):
         predict(one)
     times = []
@@ -74,16 +238,19 @@ def timing_metrics(
         t0 = time.perf_counter()
         predict(one)
         times.append((time.perf_counter() - t0) * 1000)
-    predict(batch)
-    t0 = time.perf_counter()
-    for _ in range(throughput_repeats):
-        predict(batch)
-    elapsed = time.perf_counter() - t0
-    return {
-        "latency_ms_p50": float(np.percentile(times, 50)),
-        "latency_ms_p95": float(np.percentile(times, 95)),
-        "throughput_per_s": len(batch) * throughput_repeats / elapsed,
-    }
+    out = {f"latency_ms_p{q}": float(np.percentile(times, q)) for q in (50, 95, 99)}
+    for n in dict.fromkeys([*throughput_batches, throughput_batch]):
+        xb = batch(n)
+        predict(xb)
+        repeats = max(throughput_repeats, throughput_repeats * throughput_batch // (n * 8))  # small batches: more calls
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            predict(xb)
+        rate = n * repeats / (time.perf_counter() - t0)
+        out[f"throughput_per_s_bs{n}"] = rate
+        if n == throughput_batch:
+            out["throughput_per_s"] = rate
+    return out
 
 
 @contextmanager
@@ -98,32 +265,61 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-@torch.inference_mode()
-def efficiency_metrics(
-    model: nn.Module,
-    n_features: int,
-    latency_repeats: int = 200,
-    throughput_batch: int = 256,
-    throughput_repeats: int = 20,
-) -> dict[str, float]:
-    """Size, batch-of-1 latency percentiles and large-batch throughput, on CPU with one thread."""
-    model = freeze(model.cpu())
+def efficiency_metrics(candidate: Candidate, rows: np.ndarray, settings: EvaluationSettings) -> dict[str, float]:
+    """Size, peak memory, batch-of-1 latency percentiles and throughput, on CPU with one thread."""
     with single_thread():
         timing = timing_metrics(
-            model,
-            torch.randn(1, n_features),
-            torch.randn(throughput_batch, n_features),
-            latency_repeats,
-            throughput_repeats,
+            candidate.predict,
+            rows,
+            settings.latency_repeats,
+            settings.throughput_batch,
+            settings.throughput_batches,
+            settings.throughput_repeats,
         )
-    return {"param_count": float(param_count(model)), "model_size_bytes": float(serialized_size(model)), **timing}
+        peak = candidate.peak_memory(np.resize(rows, (settings.throughput_batch, rows.shape[1])).astype(np.float32))
+    return {
+        "param_count": float(candidate.param_count),
+        "model_size_bytes": float(candidate.size_bytes),
+        "peak_memory_bytes": float(peak),
+        **timing,
+    }
 
 
-def student_extras(student: dict[str, float], teacher: dict[str, float], agreement: float) -> dict[str, float]:
+def evaluate_candidate(
+    candidate: Candidate, dm: Any, settings: EvaluationSettings | None = None, split: str = "test"
+) -> Evaluation:
+    """Quality on `split` (metric names keep the `test_` prefix only for the test split),
+    robustness under each corruption of the same rows, and efficiency."""
+    settings = settings or EvaluationSettings()
+    x, y = dm.arrays(split)
+    logits = torch.as_tensor(candidate.predict(x), dtype=torch.float32)
+    metrics = quality_metrics(logits, y, dm.slices(split), prefix=split)
+    if settings.robustness:
+        for kind in CORRUPTION_KINDS:
+            xc, _ = dm.corrupted(split, kind)
+            pred = np.asarray(candidate.predict(xc)).argmax(1)
+            metrics[f"robust_accuracy_{kind}"] = float((pred == y).mean())
+    metrics.update(efficiency_metrics(candidate, x, settings))
+    return Evaluation(metrics, logits, confusion(logits, y))
+
+
+def student_extras(
+    student: dict[str, float], teacher: dict[str, float], agreement: float, accuracy_key: str = "test_accuracy"
+) -> dict[str, float]:
     """What only a student has: how much of the teacher it keeps, and what it saves."""
     return {
         "agreement_with_teacher": agreement,
-        "accuracy_retention": student["test_accuracy"] / max(teacher["test_accuracy"], 1e-12),
+        "accuracy_retention": student[accuracy_key] / max(teacher[accuracy_key], 1e-12),
         "compression_ratio": teacher["param_count"] / max(student["param_count"], 1.0),
         "speedup": teacher["latency_ms_p50"] / max(student["latency_ms_p50"], 1e-12),
     }
+
+
+def known_metric(name: str) -> bool:
+    """Whether `name` is a metric an evaluation can produce (gates refuse anything else)."""
+    if name in COMMON_METRICS or name in STUDENT_METRICS:
+        return True
+    for prefix in ("test_accuracy_slice_", "throughput_per_s_bs"):
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return True
+    return False

@@ -33,7 +33,16 @@ from kd_ops.config import ConfigError, DistillConfig, ExperimentConfig, ModelSec
 from kd_ops.data import DistillDataModule
 from kd_ops.distill import DistillationModule
 from kd_ops.env import apply_offline_defaults
-from kd_ops.evaluation import efficiency_metrics, predict_logits, quality_metrics, student_extras
+from kd_ops.evaluation import (
+    Evaluation,
+    EvaluationSettings,
+    evaluate_candidate,
+    model_candidate,
+    quality_metrics,
+    student_extras,
+)
+from kd_ops.lineage import lineage as lineage_scope
+from kd_ops.loading import load_for_data
 from kd_ops.losses import build_losses, taps_of
 from kd_ops.models import build_model, freeze
 
@@ -49,13 +58,15 @@ class DistillResult:
     registered: dict[str, Any]
     tracking_uri: str
     experiment_id: str
+    gates: list[dict[str, Any]] = field(default_factory=list)
     models: dict[str, Any] = field(default_factory=dict, repr=False)
     datamodule: DistillDataModule | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {r: self.metrics[r] for r in ("teacher", "baseline", "student") if r in self.metrics}
+        out: dict[str, Any] = {r: m for r, m in self.metrics.items()}
         out["runs"] = self.runs
         out["registered"] = self.registered
+        out["gates"] = self.gates
         return out
 
 
@@ -108,61 +119,12 @@ def _new_model(section: ModelSection, dm: DistillDataModule, seed: int) -> nn.Mo
     return build_model(section.model, section.params, dm.input_shape, dm.n_classes, mean, std)
 
 
-def evaluate(cfg: ExperimentConfig, model: Any, dm: DistillDataModule) -> tuple[dict[str, float], torch.Tensor]:
-    """Test-split quality and CPU efficiency of a torch model or a scikit-learn estimator."""
-    x, y = dm.arrays("test")
-    e = cfg.evaluation
-    if isinstance(model, nn.Module):
-        logits = predict_logits(model, x)
-        eff = efficiency_metrics(model, dm.n_features, e.latency_repeats, e.throughput_batch, e.throughput_repeats)
-    else:
-        from kd_ops.sklearn_student import sklearn_efficiency
-
-        logits = torch.as_tensor(np.log(np.clip(model.predict_proba(x), 1e-12, None)), dtype=torch.float32)
-        eff = sklearn_efficiency(model, dm.n_features, e.latency_repeats, e.throughput_batch, e.throughput_repeats)
-    return {**quality_metrics(logits, y, dm.slices("test")), **eff}, logits
+def evaluate(cfg: ExperimentConfig, model: Any, dm: DistillDataModule, name: str = "model") -> Evaluation:
+    """Test-split quality, robustness and CPU efficiency of a torch model or a scikit-learn estimator."""
+    return evaluate_candidate(model_candidate(model, name), dm, EvaluationSettings.from_config(cfg.evaluation))
 
 
 # -- teachers -----------------------------------------------------------------------------------
-
-
-def _load_torch_model(uri: str) -> nn.Module:
-    """An MLflow PyTorch model; a `pt2` one comes back with its module tree (`torch.export.unflatten`).
-
-    MLflow's own loader returns a flat graph, in which no layer has a path: feature taps
-    (hint, attention, embeddings of a named layer) need the tree the model was trained with.
-    """
-    import mlflow.pytorch
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    exported = sorted(local.rglob("model.pt2"))
-    if not exported:
-        return mlflow.pytorch.load_model(str(local))
-    return torch.export.unflatten(torch.export.load(str(exported[0])))
-
-
-def load_teacher(uri: str, dm: DistillDataModule, key: str = "teacher.uri") -> nn.Module:
-    """Load an MLflow PyTorch model and check it fits the data; ConfigError naming `key` if not."""
-    try:
-        model = _load_torch_model(uri)
-    except Exception as exc:  # MLflow raises several types for a URI that does not resolve
-        raise ConfigError(f"{key} = {uri!r}: cannot load it as a PyTorch model: {exc}") from None
-    freeze(model)
-    probe = torch.as_tensor(dm.arrays("val")[0][:2])
-    try:
-        with torch.inference_mode():
-            out = model(probe)
-    except Exception as exc:
-        raise ConfigError(
-            f"{key} = {uri!r}: the model does not accept rows of {dm.n_features} features "
-            f"from data.name = {dm.cfg.name!r}: {exc}"
-        ) from None
-    if out.ndim != 2 or out.shape[1] != dm.n_classes:
-        raise ConfigError(
-            f"{key} = {uri!r}: the model outputs shape {tuple(out.shape)}, "
-            f"expected (batch, {dm.n_classes}) for data.name = {dm.cfg.name!r}"
-        )
-    return model
 
 
 def _train_teacher(
@@ -192,6 +154,8 @@ class _Context:
     models: dict[str, Any] = field(default_factory=dict)
     registered: dict[str, Any] = field(default_factory=dict)
     teacher_pred: torch.Tensor | None = None  # the teacher's test-split classes, for agreement
+    logits: dict[str, np.ndarray] = field(default_factory=dict)  # test-split logits per role, for the plots
+    gates: list[dict[str, Any]] = field(default_factory=list)
 
     def child(self, name: str, role: str | None = None, **tags: str):
         return mlflow.start_run(
@@ -219,7 +183,7 @@ def _teacher_stage(ctx: _Context, loaded: dict[int, nn.Module]) -> nn.Module:
                     model, uri = _train_teacher(cfg, section, ctx.dm, cfg.seed + 100 * i, ctx.example)
                 if several:
                     mlflow.set_tag(tracking.TAG_TEACHER_URI, uri)
-                    mlflow.log_metrics(evaluate(cfg, model, ctx.dm)[0])
+                    mlflow.log_metrics(evaluate(cfg, model, ctx.dm).metrics)
             members.append(model)
             uris.append(uri)
         if len(members) == 1:
@@ -231,13 +195,21 @@ def _teacher_stage(ctx: _Context, loaded: dict[int, nn.Module]) -> nn.Module:
             mlflow.log_params({"combine": cfg.distill.combine, "members": len(members)})
         teacher_uri = ",".join(uris)
         mlflow.set_tag(tracking.TAG_TEACHER_URI, teacher_uri)
-        ctx.metrics["teacher"], logits = evaluate(cfg, teacher, ctx.dm)
-        mlflow.log_metrics(ctx.metrics["teacher"])
+        _log_evaluation(ctx, "teacher", evaluate(cfg, teacher, ctx.dm))
     ctx.lineage[tracking.TAG_TEACHER_URI] = teacher_uri
     mlflow.set_tag(tracking.TAG_TEACHER_URI, teacher_uri)
     ctx.models["teacher"] = teacher
-    ctx.teacher_pred = logits.argmax(1)
+    ctx.teacher_pred = torch.as_tensor(ctx.logits["teacher"]).argmax(1)
     return teacher
+
+
+def _log_evaluation(ctx: _Context, role: str, ev: Evaluation, extra: dict[str, float] | None = None) -> None:
+    """Metrics (and the confusion matrix as a JSON artifact) of one role, into the active run."""
+    metrics = {**ev.metrics, **(extra or {})}
+    mlflow.log_metrics(metrics)
+    mlflow.log_dict({"rows_true_columns_predicted": ev.confusion.tolist()}, "confusion_matrix.json")
+    ctx.metrics[role] = metrics
+    ctx.logits[role] = ev.logits.numpy()
 
 
 def _teacher_outputs(
@@ -356,12 +328,10 @@ def _student_stage(ctx: _Context, role: str, teacher: nn.Module, method_cfg: Dis
             student, seconds = _born_again_chain(ctx, teacher, method_cfg)
         else:
             student, seconds = _train_student(ctx, teacher if uses_teacher else None, method_cfg, initial)
-        metrics, logits = evaluate(cfg, student, ctx.dm)
-        agreement = float((logits.argmax(1) == ctx.teacher_pred).float().mean())
-        metrics.update(student_extras(metrics, ctx.metrics["teacher"], agreement))
-        metrics["train_time_s"] = seconds
-        mlflow.log_metrics(metrics)
-        ctx.metrics[role] = metrics
+        ev = evaluate(cfg, student, ctx.dm)
+        agreement = float((ev.logits.argmax(1) == ctx.teacher_pred).float().mean())
+        extras = student_extras(ev.metrics, ctx.metrics["teacher"], agreement)
+        _log_evaluation(ctx, role, ev, {**extras, "train_time_s": seconds})
         ctx.models[role] = student
         if role == "student":
             _register(ctx, student)
@@ -381,8 +351,7 @@ def _born_again_chain(ctx: _Context, teacher: nn.Module, method_cfg: DistillConf
             initial = _new_model(ctx.cfg.student, ctx.dm, ctx.cfg.seed + 1 + gen)
             student, gen_seconds = _train_student(ctx, current, kd_cfg, initial)
             seconds += gen_seconds
-            metrics, _ = evaluate(ctx.cfg, student, ctx.dm)
-            mlflow.log_metrics({**metrics, "train_time_s": gen_seconds})
+            mlflow.log_metrics({**evaluate(ctx.cfg, student, ctx.dm).metrics, "train_time_s": gen_seconds})
             current = freeze(student)
     return current, seconds
 
@@ -405,7 +374,7 @@ def run_distillation(cfg: ExperimentConfig) -> DistillResult:
     # Teacher URIs that do not resolve or do not fit the data fail before any run exists.
     sections = [cfg.teacher, *cfg.teachers]
     loaded = {
-        i: load_teacher(s.uri, dm, "teacher.uri" if i == 0 else f"teachers.{i - 1}.uri")
+        i: load_for_data(s.uri, dm, "teacher.uri" if i == 0 else f"teachers.{i - 1}.uri", torch_only=True)
         for i, s in enumerate(sections)
         if s.uri
     }
@@ -418,9 +387,12 @@ def run_distillation(cfg: ExperimentConfig) -> DistillResult:
     ctx = _Context(cfg, dm, dm.with_role("transfer"), experiment_id, lineage, dm.arrays("val")[0][:5])
 
     run_name = f"{cfg.data.name}-{cfg.distill.method}-seed{cfg.seed}"
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, tags={tracking.TAG_ROLE: "parent", **lineage}
-    ) as parent:
+    with (
+        lineage_scope(**ctx.lineage),
+        mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, tags={tracking.TAG_ROLE: "parent", **ctx.lineage}
+        ) as parent,
+    ):
         ctx.runs["parent"] = parent.info.run_id
         mlflow.log_params(cfg.flat())
         mlflow.log_text(dump_config(cfg), "config.yaml")
@@ -437,18 +409,118 @@ def run_distillation(cfg: ExperimentConfig) -> DistillResult:
         elif cfg.distill.baseline:
             _student_stage(ctx, "baseline", teacher, _sklearn_baseline(cfg.distill), initial)
         _student_stage(ctx, "student", teacher, cfg.distill, initial)
+        if cfg.evaluation.edge and isinstance(ctx.models["student"], nn.Module):
+            _edge_stage(ctx)
 
         tracking.register_with_alias(
             cfg.registry.name,
             ctx.registered["version"],
             cfg.registry.alias,
             tags={**ctx.lineage, "kd_ops.method": cfg.distill.method, "kd_ops.student_run_id": ctx.runs["student"]},
-            description=_describe(cfg, ctx.metrics, ctx.lineage[tracking.TAG_TEACHER_URI]),
         )
         ctx.registered["alias"] = cfg.registry.alias
+        _gate_stage(ctx)
+        _figures_and_card(ctx)
         mlflow.log_dict(ctx.metrics, "metrics.json")
 
-    return DistillResult(ctx.metrics, ctx.runs, ctx.registered, cfg.tracking.uri, experiment_id, ctx.models, dm)
+    return DistillResult(
+        ctx.metrics, ctx.runs, ctx.registered, cfg.tracking.uri, experiment_id, ctx.gates, ctx.models, dm
+    )
+
+
+def _edge_stage(ctx: _Context) -> None:
+    """ONNX (and int8) exports of the student, each a nested run with the same metrics and its file."""
+    import tempfile
+
+    from kd_ops.edge import edge_candidates
+
+    student = ctx.models["student"]
+    with tempfile.TemporaryDirectory(prefix="kd-ops-edge-") as tmp:
+        for candidate, path in edge_candidates(student, ctx.example, tmp, tuple(ctx.cfg.evaluation.edge)):
+            role = f"student-{candidate.name}"
+            with ctx.child(role, role="edge", **{"kd_ops.edge_format": candidate.name}) as run:
+                ctx.runs[role] = run.info.run_id
+                ev = evaluate_candidate(candidate, ctx.dm, EvaluationSettings.from_config(ctx.cfg.evaluation))
+                agreement = float((ev.logits.argmax(1) == ctx.teacher_pred).float().mean())
+                _log_evaluation(ctx, role, ev, student_extras(ev.metrics, ctx.metrics["teacher"], agreement))
+                mlflow.log_artifact(str(path), "edge")
+
+
+def _gate_stage(ctx: _Context) -> None:
+    """Decide the gates on the student's metrics, record them, and promote when all pass."""
+    from mlflow.tracking import MlflowClient
+
+    from kd_ops import gates, promotion
+
+    cfg, reg = ctx.cfg, ctx.registered
+    specials: dict[str, tuple[float | None, str]] = {}
+    if "max_slice_drop_vs_champion" in cfg.gates:
+        specials["slice_drop_vs_champion"] = _champion_slice_drop(ctx)
+    decisions = gates.check(cfg.gates, ctx.metrics["student"], specials)
+    client = MlflowClient(cfg.tracking.uri)
+    gates.record(decisions, client, ctx.runs["student"], reg["name"], reg["version"])
+    ctx.gates = gates.as_json(decisions)
+    reg["gates"] = "passed" if gates.all_passed(decisions) else "failed"
+    reg["promoted"] = False
+    if cfg.registry.promote and gates.all_passed(decisions):
+        promotion.promote(reg["name"], reg["version"], uri=cfg.tracking.uri)
+        reg["promoted"] = True
+    for failed in (d for d in decisions if not d.passed):
+        log.warning("gate %s failed: %s", failed.gate, failed.tag_value())
+    reg["champion"] = promotion.state(reg["name"], client).champion
+
+
+def _champion_slice_drop(ctx: _Context) -> tuple[float | None, str]:
+    """The current champion scored on this run's test rows, against the new student."""
+    from kd_ops import gates
+    from kd_ops.promotion import CHAMPION, state
+
+    name = ctx.cfg.registry.name
+    champion = state(name).champion
+    if champion is None:
+        return None, "no champion yet"
+    uri = f"models:/{name}@{CHAMPION}"
+    try:
+        model = load_for_data(uri, ctx.dm, "champion")
+    except ConfigError as exc:
+        return None, f"champion v{champion} cannot be scored on this data: {exc}"
+    x, y = ctx.dm.arrays("test")
+    logits = torch.as_tensor(model_candidate(model, "champion").predict(x))
+    champion_metrics = quality_metrics(logits, y, ctx.dm.slices("test"))
+    value, note = gates.slice_drop(ctx.metrics["student"], champion_metrics)
+    return value, f"vs champion v{champion}, {note}"
+
+
+def _figures_and_card(ctx: _Context) -> None:
+    """PNG figures into the parent run; the model card onto the student run and the model version."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from kd_ops import model_card, plots
+
+    cfg, reg = ctx.cfg, ctx.registered
+    _, y = ctx.dm.arrays("test")
+    with tempfile.TemporaryDirectory(prefix="kd-ops-plots-") as tmp:
+        for path in plots.all_figures(ctx.metrics, ctx.logits, y, Path(tmp)):
+            mlflow.log_artifact(str(path), "plots")
+    card = model_card.render(
+        name=reg["name"],
+        version=reg["version"],
+        student=cfg.student.model if cfg.distill.method != "sklearn" else cfg.distill.params.get("model", "sklearn"),
+        method=cfg.distill.method,
+        temperature=cfg.distill.temperature,
+        teacher_uri=ctx.lineage[tracking.TAG_TEACHER_URI],
+        data=cfg.data.model_dump(),
+        lineage=ctx.lineage,
+        metrics=ctx.metrics,
+        gates=ctx.gates,
+        promoted=reg.get("promoted") if cfg.registry.promote else None,
+        run_id=ctx.runs["student"],
+    )
+    client = MlflowClient(cfg.tracking.uri)
+    client.log_text(ctx.runs["student"], card, "model_card.md")
+    client.update_model_version(reg["name"], reg["version"], description=card)
 
 
 def _sklearn_baseline(distill: DistillConfig) -> DistillConfig:
@@ -456,15 +528,4 @@ def _sklearn_baseline(distill: DistillConfig) -> DistillConfig:
     return distill.model_copy(update={"params": {**distill.params, "hard_labels": True}})
 
 
-def _describe(cfg: ExperimentConfig, metrics: dict[str, dict[str, float]], teacher_uri: str) -> str:
-    s, t = metrics["student"], metrics["teacher"]
-    return (
-        f"{cfg.student.model if cfg.distill.method != 'sklearn' else cfg.distill.params.get('model', 'sklearn')} "
-        f"student distilled ({cfg.distill.method}, T={cfg.distill.temperature}) from {teacher_uri} "
-        f"on {cfg.data.name} (train_fraction={cfg.data.train_fraction}). "
-        f"Test accuracy {s['test_accuracy']:.4f} vs teacher {t['test_accuracy']:.4f}; "
-        f"{s['compression_ratio']:.1f}x fewer parameters, {s['speedup']:.1f}x faster at batch 1."
-    )
-
-
-__all__ = ["DistillResult", "evaluate", "load_teacher", "run_distillation"]
+__all__ = ["DistillResult", "evaluate", "run_distillation"]

@@ -278,26 +278,3 @@ def distill_to_sklearn(method_cfg: Any, teacher: Any, dm: Any, seed: int) -> Bas
     if np.array_equal(getattr(inner, "classes_", []), np.arange(n_classes)):
         return inner
     return model
-
-
-def sklearn_efficiency(
-    est: BaseEstimator,
-    n_features: int,
-    latency_repeats: int = 200,
-    throughput_batch: int = 256,
-    throughput_repeats: int = 20,
-) -> dict[str, float]:
-    """The same efficiency metrics as a network's (`kd_ops.evaluation`), for `predict_proba`."""
-    from kd_ops.evaluation import single_thread, timing_metrics
-
-    rng = np.random.default_rng(0)
-    with single_thread():
-        timing = timing_metrics(
-            est.predict_proba,
-            rng.normal(size=(1, n_features)),
-            rng.normal(size=(throughput_batch, n_features)),
-            latency_repeats,
-            throughput_repeats,
-        )
-    size = sklearn_size(est)
-    return {"param_count": float(size["param_count"]), "model_size_bytes": float(size["model_size_bytes"]), **timing}

@@ -130,7 +130,7 @@ def test_cli_json_and_teacher_uri_reuse(distilled, tracking_uri, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)  # the whole of stdout is one JSON document
-    assert set(out) == {"teacher", "baseline", "student", "runs", "registered"}
+    assert set(out) == {"teacher", "baseline", "student", "runs", "registered", "gates"}
     assert set(out["runs"]) == {"parent", "teacher", "baseline", "student"}
     assert out["registered"]["name"] == "test-student" and out["registered"]["alias"] == "challenger"
     assert int(out["registered"]["version"]) == int(first.registered["version"]) + 1
