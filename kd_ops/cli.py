@@ -89,12 +89,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
         real_stdout.flush()
         return 0
     reg = result.registered
+    gates = ", ".join(f"{g['gate']} {'pass' if g['passed'] else 'FAIL'}" for g in result.gates) or "none configured"
+    champion = f"v{reg['champion']}" if reg["champion"] else "none"
     print(summary_table(result.metrics))
     print(
         f"\nregistered {reg['name']} version {reg['version']} as @{reg['alias']}  ({reg['name']}@{reg['alias']})"
-        + f"\ngates {reg['gates']}: "
-        + (", ".join(f"{g['gate']} {'pass' if g['passed'] else 'FAIL'}" for g in result.gates) or "none configured")
-        + f"\n{'promoted to @champion' if reg['promoted'] else 'not promoted'}; champion: {'v' + reg['champion'] if reg['champion'] else 'none'}"
+        f"\ngates {reg['gates']}: {gates}"
+        f"\n{'promoted to @champion' if reg['promoted'] else 'not promoted'}; champion: {champion}"
         f"\nparent run {result.runs['parent']} in experiment {result.experiment_id}"
         f"\nsee it:  {ui_command(result.tracking_uri)}"
         f"\n         then open http://127.0.0.1:5000/#/experiments/{result.experiment_id}"
