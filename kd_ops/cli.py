@@ -58,16 +58,25 @@ def _quiet_libraries(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # torch/lightning internals, not the user's
 
 
-def cmd_distill(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace):
+    """The experiment config with `--set` and `--tracking-uri` applied; None (message printed) if invalid."""
     from kd_ops.config import ConfigError, load_config
 
     overrides = list(args.set or [])
     if args.tracking_uri:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     try:
-        cfg = load_config(args.config, overrides)
+        return load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"kd-ops: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from kd_ops.config import ConfigError
+
+    cfg = _config(args)
+    if cfg is None:
         return EXIT_CONFIG
 
     from kd_ops.pipeline import run_distillation
@@ -110,15 +119,10 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from kd_ops.config import ConfigError, load_config
+    from kd_ops.config import ConfigError
 
-    overrides = list(args.set or [])
-    if args.tracking_uri:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"kd-ops: {exc}", file=sys.stderr)
+    cfg = _config(args)
+    if cfg is None:
         return EXIT_CONFIG
 
     import mlflow

@@ -125,12 +125,18 @@ def test_promote_and_rollback_errors_name_what_is_wrong(tracking_uri):
         rollback("no-such-model", uri=tracking_uri)
 
 
-def test_rollback_walks_back_through_the_history(tmp_path):
-    uri = f"sqlite:///{tmp_path}/reg.db"
+def _registry(tmp_path, name: str) -> tuple[str, MlflowClient]:
+    """A fresh SQLite registry with three versions of `name` whose gates passed (no training needed)."""
+    uri = f"sqlite:///{tmp_path}/{name}.db"
     client = MlflowClient(uri)
-    client.create_registered_model("h")
+    client.create_registered_model(name)
     for _ in range(3):
-        client.create_model_version("h", source=str(tmp_path), tags={"kd_ops.gates": "passed"})
+        client.create_model_version(name, source=str(tmp_path), tags={"kd_ops.gates": "passed"})
+    return uri, client
+
+
+def test_rollback_walks_back_through_the_history(tmp_path):
+    uri, client = _registry(tmp_path, "h")
     for v in ("1", "2", "3"):
         promote("h", v, uri=uri)
     assert state("h", client).to_json() == {"name": "h", CHAMPION: "3", PREVIOUS: "2"}
@@ -158,11 +164,7 @@ RACER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_racing_promotions_never_leave_the_model_without_a_champion(tmp_path):
-    uri = f"sqlite:///{tmp_path}/race.db"
-    client = MlflowClient(uri)
-    client.create_registered_model("race")
-    for _ in range(3):
-        client.create_model_version("race", source=str(tmp_path), tags={"kd_ops.gates": "passed"})
+    uri, client = _registry(tmp_path, "race")
     promote("race", "1", uri=uri)
 
     seen, stop = [], threading.Event()
