@@ -6,7 +6,7 @@ For each dataset and seed, the example recipe (`examples/<dataset>.yaml`) distil
 `bench/results/edge_exports.json` and `.md`. Accuracy is mean ± std over seeds; size, peak memory,
 latency and throughput are medians over seeds.
 
-    python bench/edge_exports.py                       # digits and mnist5k, 3 seeds (~5 minutes on 2 cores)
+    python bench/edge_exports.py                       # digits and mnist5k, 3 seeds (~2.5 minutes on 2 cores)
     python bench/edge_exports.py --datasets digits --seeds 0
 """
 
