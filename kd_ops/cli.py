@@ -112,6 +112,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a command reports in one line (exit 2): config and promotion errors, MLflow's own
+    refusals (a store that cannot be reached, a model it will not load), a lock held too long."""
+    from filelock import Timeout
+    from mlflow.exceptions import MlflowException
+
+    from kd_ops.config import ConfigError
+
+    return ConfigError, MlflowException, Timeout
+
+
 def _tracking_uri(args: argparse.Namespace) -> str:
     import os
 
@@ -119,7 +130,6 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from kd_ops.config import ConfigError
 
     cfg = _config(args)
     if cfg is None:
@@ -136,7 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr):
             result = evaluate_model(args.model_uri, cfg, args.split, args.teacher, edge, args.log)
-    except ConfigError as exc:
+    except _user_errors() as exc:
         print(f"kd-ops: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.json:
@@ -150,11 +160,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from kd_ops.promotion import PromotionError, promote
+    from kd_ops.promotion import promote
 
     try:
         st = promote(args.name, args.version, force=args.force, uri=_tracking_uri(args))
-    except PromotionError as exc:
+    except _user_errors() as exc:
         print(f"kd-ops: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     print(json.dumps(st.to_json()) if args.json else f"{st.name}: champion v{st.champion}, previous v{st.previous}")
@@ -162,11 +172,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from kd_ops.promotion import PromotionError, rollback
+    from kd_ops.promotion import rollback
 
     try:
         st = rollback(args.name, uri=_tracking_uri(args))
-    except PromotionError as exc:
+    except _user_errors() as exc:
         print(f"kd-ops: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     prev = f"v{st.previous}" if st.previous else "none"

@@ -131,6 +131,15 @@ class RegistryConfig(_Section):
     alias: str = "challenger"
     promote: bool = Field(True, description="make the new version `champion` when every gate passes")
 
+    @model_validator(mode="after")
+    def _alias_not_reserved(self) -> "RegistryConfig":
+        if self.alias in ("champion", "previous"):
+            raise ValueError(
+                f"registry.alias = {self.alias!r}: 'champion' and 'previous' are set only by promotion "
+                "(gates) and rollback; a new version is registered under another alias, e.g. 'challenger'"
+            )
+        return self
+
 
 GATE_PREFIXES = ("min_", "max_")
 

@@ -9,6 +9,7 @@ student is meant to run, and a single thread keeps the figures stable on a busy 
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -119,22 +120,28 @@ def activation_peak_bytes(model: nn.Module, x: np.ndarray) -> int:
     return int(peak)
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 @contextmanager
 def _native_stderr_silenced():
     """The profiler's C++ side prints start/stop lines straight to file descriptor 2."""
     import os
     import sys
 
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    with _STDERR_LOCK:  # fd 2 is process-wide: one redirection at a time
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, 2)
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(devnull)
+        finally:
+            os.close(saved)
 
 
 def _weight_bytes(model: nn.Module) -> int:

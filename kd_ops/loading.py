@@ -35,6 +35,12 @@ def load_torch_model(uri: str, module_tree: bool = False) -> nn.Module:
     exported = sorted(local.rglob("model.pt2"))
     if not exported:
         return mlflow.pytorch.load_model(str(local))
+    # torch.export.load unpickles with weights_only=False: run MLflow's own pickle-free check of
+    # the archive first (skipped only where the user allowed pickle for MLflow as a whole).
+    from mlflow.pytorch import _is_pickle_deserialization_allowed, _validate_pt2_archive_is_pickle_free
+
+    if not _is_pickle_deserialization_allowed():
+        _validate_pt2_archive_is_pickle_free(str(exported[0]))
     program = torch.export.load(str(exported[0]))
     return torch.export.unflatten(program) if module_tree else program.module()
 

@@ -4,8 +4,7 @@ The same candidate metrics as a distillation logs (quality, per-slice accuracy, 
 efficiency), for a model URI that may come from anywhere: last month's champion on this month's
 split, a student against a teacher it was not trained with, or the edge exports of either.
 With `log=True` the figures go into an MLflow run of their own, next to MLflow's own classifier
-evaluation (`mlflow.models.evaluate` on the predictions) and, with a teacher, the `distillation`
-evaluator's fidelity figures.
+evaluation (`mlflow.models.evaluate` on the predictions).
 """
 
 from __future__ import annotations
@@ -78,7 +77,9 @@ def evaluate_model(
         from kd_ops.edge import edge_candidates
 
         with tempfile.TemporaryDirectory(prefix="kd-ops-edge-") as tmp:
-            for candidate, _ in edge_candidates(model, dm.arrays(split)[0], tmp, tuple(edge)):
+            for candidate, _ in edge_candidates(
+                model, dm.arrays(split)[0], tmp, tuple(edge), settings.throughput_batch
+            ):
                 score(candidate.name, candidate)
     if teacher is not None:
         for name in [n for n in out.metrics if n != "teacher"]:
@@ -92,7 +93,7 @@ def evaluate_model(
 
 
 def _log_run(cfg: ExperimentConfig, uri: str, teacher_uri: str | None, split: str, dm, pred, result) -> str:
-    """One MLflow run: kd-ops' metrics, MLflow's classifier evaluation, the distillation evaluator."""
+    """One MLflow run: kd-ops' metrics (teacher-relative ones included) and MLflow's classifier evaluation."""
     import mlflow
     import pandas as pd
 
@@ -114,13 +115,4 @@ def _log_run(cfg: ExperimentConfig, uri: str, teacher_uri: str | None, split: st
         columns = [f"x{i}" for i in range(x.shape[1])]
         frame = pd.DataFrame(x, columns=columns).assign(label=y, prediction=pred)
         mlflow.models.evaluate(data=frame, predictions="prediction", targets="label", model_type="classifier")
-        if teacher_uri:
-            mlflow.models.evaluate(
-                uri,
-                frame.drop(columns=["prediction"]),
-                targets="label",
-                model_type="classifier",
-                evaluators="distillation",
-                evaluator_config={"teacher": teacher_uri},
-            )
         return run.info.run_id

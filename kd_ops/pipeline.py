@@ -436,7 +436,9 @@ def _edge_stage(ctx: _Context) -> None:
 
     student = ctx.models["student"]
     with tempfile.TemporaryDirectory(prefix="kd-ops-edge-") as tmp:
-        for candidate, path in edge_candidates(student, ctx.example, tmp, tuple(ctx.cfg.evaluation.edge)):
+        for candidate, path in edge_candidates(
+            student, ctx.example, tmp, tuple(ctx.cfg.evaluation.edge), ctx.cfg.evaluation.throughput_batch
+        ):
             role = f"student-{candidate.name}"
             with ctx.child(role, role="edge", **{"kd_ops.edge_format": candidate.name}) as run:
                 ctx.runs[role] = run.info.run_id

@@ -66,11 +66,18 @@ def _model_lock(uri: str, name: str):
             yield
 
 
+_ABSENT = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+
+
 def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version behind `alias`, None when it is not set; any other failure (a server error, a
+    timeout) propagates: guessing "no champion" would pass the champion gate and lose `previous`."""
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in _ABSENT:
+            return None
+        raise
 
 
 def state(name: str, client: MlflowClient | None = None) -> AliasState:
@@ -79,11 +86,14 @@ def state(name: str, client: MlflowClient | None = None) -> AliasState:
 
 
 def _history(client: MlflowClient, name: str) -> list[str]:
+    """Former champions in order, leaving out versions deleted since."""
     tags = client.get_registered_model(name).tags
     try:
-        return [str(v) for v in json.loads(tags.get(TAG_HISTORY, "[]"))]
+        versions = [str(v) for v in json.loads(tags.get(TAG_HISTORY, "[]"))]
     except (TypeError, ValueError):
         return []
+    existing = {str(mv.version) for mv in client.search_model_versions(f"name = '{name}'")}
+    return [v for v in versions if v in existing]
 
 
 def _check_version(client: MlflowClient, name: str, version: str):

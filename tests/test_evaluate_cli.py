@@ -58,9 +58,10 @@ def test_evaluate_on_another_split_and_logged(distilled, tracking_uri):
     run = MlflowClient(tracking_uri).get_run(out.run_id)
     assert run.data.metrics["val_accuracy"] == pytest.approx(out.metrics["model"]["val_accuracy"])
     assert run.data.params["split"] == "val" and run.data.tags["kd_ops.role"] == "evaluation"
-    # MLflow's own classifier evaluation ran on the predictions, the distillation evaluator on the model
+    # MLflow's own classifier evaluation ran on the predictions; teacher-relative figures are kd-ops'
     assert run.data.metrics["accuracy_score"] == pytest.approx(out.metrics["model"]["val_accuracy"])
-    assert run.data.metrics["fidelity"] == pytest.approx(out.metrics["model"]["agreement_with_teacher"])
+    assert run.data.metrics["agreement_with_teacher"] == pytest.approx(out.metrics["model"]["agreement_with_teacher"])
+    assert run.data.metrics["teacher.val_accuracy"] == pytest.approx(out.metrics["teacher"]["val_accuracy"])
     # lineage tags from the run-context plugin
     assert run.data.tags["kd_ops.evaluated_model_uri"] == student_uri
 
@@ -111,6 +112,12 @@ def test_gate_naming_an_unknown_metric(tracking_uri, config_file, capsys):
         config_from_dict(tiny_raw(tracking_uri, gates={"min_slice_drop_vs_champion": 0.1}), "x")
     assert main(["distill", str(config_file), "--set", "gates.min_accuracy_retension=0.9"]) == 2
     assert "unknown metric 'accuracy_retension'" in capsys.readouterr().err
+
+
+def test_reserved_aliases_cannot_be_the_registration_alias(tracking_uri):
+    for alias in ("champion", "previous"):
+        with pytest.raises(ConfigError, match=f"registry.alias = '{alias}': 'champion' and 'previous' are set only"):
+            config_from_dict(tiny_raw(tracking_uri, registry={"alias": alias}), "x")
 
 
 def test_bad_split(distilled, tracking_uri):

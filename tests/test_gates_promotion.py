@@ -147,6 +147,14 @@ def test_rollback_walks_back_through_the_history(tmp_path):
     with pytest.raises(PromotionError, match="no gate decision"):
         client.create_model_version("h", source=str(tmp_path))
         promote("h", "4", uri=uri)
+    # a version deleted from the history is skipped, not a dead `previous`
+    for v in ("2", "3", "4"):
+        client.set_model_version_tag("h", v, "kd_ops.gates", "passed")
+        promote("h", v, uri=uri)
+    client.delete_model_version("h", "3")
+    assert state("h", client).to_json() == {"name": "h", CHAMPION: "4", PREVIOUS: None}
+    promote("h", "2", uri=uri)
+    assert rollback("h", uri=uri).to_json() == {"name": "h", CHAMPION: "4", PREVIOUS: "2"}
 
 
 RACER = textwrap.dedent(
