@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_ops.evaluation import Candidate, activation_peak_bytes
+from kd_ops.evaluation import Candidate, activation_peak_bytes, tile
 
 EDGE_KINDS = ("onnx", "onnx_int8")
 
@@ -107,7 +107,7 @@ def edge_candidates(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     count = param_count(model)
-    peak = activation_peak_bytes(model, np.resize(example, (peak_batch, example.shape[1])))
+    peak = activation_peak_bytes(model, tile(example, peak_batch))
     fp32 = export_onnx(model, example, workdir / "model.onnx")
     out = []
     for kind in kinds:

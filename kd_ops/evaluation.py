@@ -93,14 +93,6 @@ class Evaluation:
 # -- candidates -----------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> torch.Tensor:
-    freeze(model)
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    xs = torch.as_tensor(x, dtype=torch.float32)
-    return torch.cat([model(xs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(xs), batch_size)])
-
-
 def activation_peak_bytes(model: nn.Module, x: np.ndarray) -> int:
     """Peak bytes allocated during one forward pass, from the torch profiler's memory events.
 
@@ -220,6 +212,11 @@ def confusion(logits: torch.Tensor, y: np.ndarray) -> np.ndarray:
     return multiclass_confusion_matrix(logits.argmax(1), target, logits.shape[1]).numpy()
 
 
+def tile(rows: np.ndarray, n: int) -> np.ndarray:
+    """`n` real rows (repeated when there are fewer), contiguous float32: a batch to time or profile."""
+    return np.ascontiguousarray(np.resize(rows, (n, rows.shape[1])), dtype=np.float32)
+
+
 def timing_metrics(
     predict: Callable[[Any], Any],
     rows: np.ndarray,
@@ -234,10 +231,7 @@ def timing_metrics(
     depends on the values.
     """
 
-    def batch(n: int) -> np.ndarray:
-        return np.ascontiguousarray(np.resize(rows, (n, rows.shape[1])), dtype=np.float32)
-
-    one = batch(1)
+    one = tile(rows, 1)
     for _ in range(10):
         predict(one)
     times = []
@@ -247,7 +241,7 @@ def timing_metrics(
         times.append((time.perf_counter() - t0) * 1000)
     out = {f"latency_ms_p{q}": float(np.percentile(times, q)) for q in (50, 95, 99)}
     for n in dict.fromkeys([*throughput_batches, throughput_batch]):
-        xb = batch(n)
+        xb = tile(rows, n)
         predict(xb)
         repeats = max(throughput_repeats, throughput_repeats * throughput_batch // (n * 8))  # small batches: more calls
         t0 = time.perf_counter()
@@ -283,7 +277,7 @@ def efficiency_metrics(candidate: Candidate, rows: np.ndarray, settings: Evaluat
             settings.throughput_batches,
             settings.throughput_repeats,
         )
-        peak = candidate.peak_memory(np.resize(rows, (settings.throughput_batch, rows.shape[1])).astype(np.float32))
+        peak = candidate.peak_memory(tile(rows, settings.throughput_batch))
     return {
         "param_count": float(candidate.param_count),
         "model_size_bytes": float(candidate.size_bytes),

@@ -63,7 +63,7 @@ class DistillResult:
     datamodule: DistillDataModule | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {r: m for r, m in self.metrics.items()}
+        out: dict[str, Any] = dict(self.metrics)
         out["runs"] = self.runs
         out["registered"] = self.registered
         out["gates"] = self.gates
@@ -153,8 +153,7 @@ class _Context:
     runs: dict[str, str] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     registered: dict[str, Any] = field(default_factory=dict)
-    teacher_pred: torch.Tensor | None = None  # the teacher's test-split classes, for agreement
-    logits: dict[str, np.ndarray] = field(default_factory=dict)  # test-split logits per role, for the plots
+    logits: dict[str, np.ndarray] = field(default_factory=dict)  # test-split logits per role (plots, agreement)
     gates: list[dict[str, Any]] = field(default_factory=list)
 
     def child(self, name: str, role: str | None = None, **tags: str):
@@ -199,8 +198,13 @@ def _teacher_stage(ctx: _Context, loaded: dict[int, nn.Module]) -> nn.Module:
     ctx.lineage[tracking.TAG_TEACHER_URI] = teacher_uri
     mlflow.set_tag(tracking.TAG_TEACHER_URI, teacher_uri)
     ctx.models["teacher"] = teacher
-    ctx.teacher_pred = torch.as_tensor(ctx.logits["teacher"]).argmax(1)
     return teacher
+
+
+def _vs_teacher(ctx: _Context, ev: Evaluation) -> dict[str, float]:
+    """Agreement, retention, compression and speedup of a student (or an export of it) against the teacher."""
+    agreement = float((ev.logits.numpy().argmax(1) == ctx.logits["teacher"].argmax(1)).mean())
+    return student_extras(ev.metrics, ctx.metrics["teacher"], agreement)
 
 
 def _log_evaluation(ctx: _Context, role: str, ev: Evaluation, extra: dict[str, float] | None = None) -> None:
@@ -329,9 +333,7 @@ def _student_stage(ctx: _Context, role: str, teacher: nn.Module, method_cfg: Dis
         else:
             student, seconds = _train_student(ctx, teacher if uses_teacher else None, method_cfg, initial)
         ev = evaluate(cfg, student, ctx.dm)
-        agreement = float((ev.logits.argmax(1) == ctx.teacher_pred).float().mean())
-        extras = student_extras(ev.metrics, ctx.metrics["teacher"], agreement)
-        _log_evaluation(ctx, role, ev, {**extras, "train_time_s": seconds})
+        _log_evaluation(ctx, role, ev, {**_vs_teacher(ctx, ev), "train_time_s": seconds})
         ctx.models[role] = student
         if role == "student":
             _register(ctx, student)
@@ -443,8 +445,7 @@ def _edge_stage(ctx: _Context) -> None:
             with ctx.child(role, role="edge", **{"kd_ops.edge_format": candidate.name}) as run:
                 ctx.runs[role] = run.info.run_id
                 ev = evaluate_candidate(candidate, ctx.dm, EvaluationSettings.from_config(ctx.cfg.evaluation))
-                agreement = float((ev.logits.argmax(1) == ctx.teacher_pred).float().mean())
-                _log_evaluation(ctx, role, ev, student_extras(ev.metrics, ctx.metrics["teacher"], agreement))
+                _log_evaluation(ctx, role, ev, _vs_teacher(ctx, ev))
                 mlflow.log_artifact(str(path), "edge")
 
 

@@ -69,16 +69,21 @@ def _triplet_cosines(emb: torch.Tensor) -> torch.Tensor:
     return cos[distinct]
 
 
+def _relation_loss(student_emb, teacher_emb, relation, min_batch: int, what: str) -> torch.Tensor:
+    """Smooth-L1 between the student's and the (detached) teacher's `relation` of their embeddings."""
+    s, t = _flatten_pair(student_emb, teacher_emb, min_batch, what)
+    with torch.no_grad():
+        target = relation(t.detach())
+    return F.smooth_l1_loss(relation(s), target, reduction="mean")
+
+
 def rkd_distance_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
     """Smooth-L1 (Huber, beta=1) between mean-normalised pairwise distances, mean over i != j.
 
     Embeddings are (B, ...) and are flattened to (B, D); student and teacher D may differ.
     Needs B >= 2. The teacher is detached.
     """
-    s, t = _flatten_pair(student_emb, teacher_emb, 2, "distance")
-    with torch.no_grad():
-        t_dist = _normalised_distances(t.detach())
-    return F.smooth_l1_loss(_normalised_distances(s), t_dist, reduction="mean")
+    return _relation_loss(student_emb, teacher_emb, _normalised_distances, 2, "distance")
 
 
 def rkd_angle_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
@@ -87,10 +92,7 @@ def rkd_angle_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torc
     Embeddings are (B, ...) and are flattened to (B, D); student and teacher D may differ.
     Needs B >= 3. The teacher is detached.
     """
-    s, t = _flatten_pair(student_emb, teacher_emb, 3, "angle")
-    with torch.no_grad():
-        t_cos = _triplet_cosines(t.detach())
-    return F.smooth_l1_loss(_triplet_cosines(s), t_cos, reduction="mean")
+    return _relation_loss(student_emb, teacher_emb, _triplet_cosines, 3, "angle")
 
 
 # -- registration -----------------------------------------------------------------------------
