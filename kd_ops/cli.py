@@ -159,29 +159,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_promote(args: argparse.Namespace) -> int:
-    from kd_ops.promotion import promote
-
+def _change_aliases(args: argparse.Namespace, change) -> int:
+    """Run a promotion or rollback; print the resulting aliases (one line, or JSON)."""
     try:
-        st = promote(args.name, args.version, force=args.force, uri=_tracking_uri(args))
-    except _user_errors() as exc:
-        print(f"kd-ops: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(json.dumps(st.to_json()) if args.json else f"{st.name}: champion v{st.champion}, previous v{st.previous}")
-    return 0
-
-
-def cmd_rollback(args: argparse.Namespace) -> int:
-    from kd_ops.promotion import rollback
-
-    try:
-        st = rollback(args.name, uri=_tracking_uri(args))
+        st = change(_tracking_uri(args))
     except _user_errors() as exc:
         print(f"kd-ops: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     prev = f"v{st.previous}" if st.previous else "none"
     print(json.dumps(st.to_json()) if args.json else f"{st.name}: champion v{st.champion}, previous {prev}")
     return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from kd_ops.promotion import promote
+
+    return _change_aliases(args, lambda uri: promote(args.name, args.version, force=args.force, uri=uri))
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from kd_ops.promotion import rollback
+
+    return _change_aliases(args, lambda uri: rollback(args.name, uri=uri))
 
 
 def build_parser() -> argparse.ArgumentParser:
