@@ -183,6 +183,36 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return _change_aliases(args, lambda uri: rollback(args.name, uri=uri))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kd_ops.serving import ServeSettings, load_token, serve
+
+    _quiet_libraries(args.verbose)
+    try:
+        token, origin = load_token(args.token_file)
+        settings = ServeSettings(
+            name=args.name,
+            alias=args.alias,
+            tracking_uri=_tracking_uri(args),
+            store=args.store,
+            log_predictions=not args.no_log,
+            poll_interval_s=args.poll_interval,
+            shadow_fraction=args.shadow_fraction,
+            teacher_uri=args.teacher,
+            max_body_bytes=args.max_body_bytes,
+            token=token,
+            sqlite_sync=args.sqlite_sync,
+        )
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(f"kd-ops: feedback token from {origin}", file=sys.stderr)
+        serve(settings, args.host, args.port)
+    except (*_user_errors(), OSError) as exc:
+        print(f"kd-ops: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-ops", description="Knowledge distillation as a production loop.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -222,6 +252,27 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--json", action="store_true", help="print the aliases as one JSON object")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("serve", help="serve NAME@ALIAS over HTTP, logging every prediction; swaps in new champions")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--alias", default="champion", help="alias to serve and watch (default champion)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--store", default="sqlite:///predictions.db", help="prediction log, a SQLAlchemy URL")
+    p.add_argument("--no-log", action="store_true", help="do not log predictions (feedback and shadow then refused)")
+    p.add_argument("--poll-interval", type=float, default=10.0, help="seconds between alias checks (default 10)")
+    p.add_argument("--shadow-fraction", type=float, default=0.0, help="share of requests the teacher also scores")
+    p.add_argument("--teacher", help="teacher model URI for the shadow (default: the served version's lineage)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body (default 4 MiB)")
+    p.add_argument(
+        "--token-file", help="file with the feedback token (default $KD_OPS_TOKEN, else .kd-ops/serve-token, created)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads for inference (default 1)")
+    p.add_argument(
+        "--sqlite-sync", default="FULL", help="SQLite synchronous mode: FULL (default, power-safe) or NORMAL"
+    )
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

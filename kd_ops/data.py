@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kd_ops.config import DataConfig
 from kd_ops.registry import Registry
+from kd_ops.slicing import InputSlices
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,6 @@ def load_mnist5k() -> RawDataset:
     x, y = mnist_data()
     return RawDataset("mnist5k", x.astype(np.float32), y.astype(np.int64), (1, 28, 28), 10, 255.0)
 
-
-INK_LEVELS = ("low", "mid", "high")
 
 # -- corruptions ------------------------------------------------------------------------------
 # What a deployed digit reader meets that a clean test split does not show: sensor noise, a
@@ -98,7 +97,7 @@ class Splits:
     val: np.ndarray
     test: np.ndarray
     transfer: np.ndarray
-    ink_edges: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    input_slices: InputSlices = field(default_factory=lambda: InputSlices((0.0, 0.0)))
 
 
 def make_splits(ds: RawDataset, cfg: DataConfig, seed: int) -> Splits:
@@ -119,9 +118,7 @@ def make_splits(ds: RawDataset, cfg: DataConfig, seed: int) -> Splits:
         elif n_keep < len(transfer):
             transfer, _ = train_test_split(transfer, train_size=n_keep, stratify=ds.y[transfer], random_state=seed)
             transfer = np.sort(transfer)
-    ink = ds.x[train].mean(axis=1)
-    edges = np.quantile(ink, [1 / 3, 2 / 3])
-    return Splits(train, val, test, transfer, edges)
+    return Splits(train, val, test, transfer, InputSlices.fit(ds.x[train]))
 
 
 class DistillDataModule(L.LightningDataModule):
@@ -181,8 +178,12 @@ class DistillDataModule(L.LightningDataModule):
     def slices(self, split: str) -> dict[str, np.ndarray]:
         """Slice columns for per-slice metrics: the true class and the ink-intensity tercile."""
         x, y = self.arrays(split)
-        ink = np.digitize(x.mean(axis=1), self.splits.ink_edges)
-        return {"label": y.astype(str), "ink": np.asarray(INK_LEVELS)[ink]}
+        return {"label": y.astype(str), **self.input_slices().compute(x)}
+
+    def input_slices(self) -> InputSlices:
+        """The slices the server can compute from a row alone (stored with the student)."""
+        self.setup()
+        return self.splits.input_slices
 
     def corrupted(self, split: str, kind: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """`arrays(split)` with corruption `kind` applied (see `CORRUPTIONS`); same rows, same labels."""

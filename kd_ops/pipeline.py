@@ -45,6 +45,7 @@ from kd_ops.lineage import lineage as lineage_scope
 from kd_ops.loading import load_for_data
 from kd_ops.losses import build_losses, taps_of
 from kd_ops.models import build_model, freeze
+from kd_ops.slicing import SLICES_ARTIFACT
 
 log = logging.getLogger("kd_ops")
 
@@ -365,6 +366,7 @@ def _register(ctx: _Context, student: Any) -> None:
     else:
         info = tracking.log_sklearn_model(student, ctx.example, registered_name=cfg.registry.name)
     ctx.registered.update(name=cfg.registry.name, version=str(info.registered_model_version), model_uri=info.model_uri)
+    mlflow.log_dict(ctx.dm.input_slices().to_dict(), SLICES_ARTIFACT)  # the server slices traffic the same way
 
 
 def run_distillation(cfg: ExperimentConfig) -> DistillResult:
