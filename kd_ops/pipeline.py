@@ -361,12 +361,13 @@ def _born_again_chain(ctx: _Context, teacher: nn.Module, method_cfg: DistillConf
 
 def _register(ctx: _Context, student: Any) -> None:
     cfg = ctx.cfg
+    # Before the version exists: a served version always finds how to slice its traffic.
+    mlflow.log_dict(ctx.dm.input_slices().to_dict(), SLICES_ARTIFACT)
     if isinstance(student, nn.Module):
         info = tracking.log_torch_model(student, ctx.example, registered_name=cfg.registry.name)
     else:
         info = tracking.log_sklearn_model(student, ctx.example, registered_name=cfg.registry.name)
     ctx.registered.update(name=cfg.registry.name, version=str(info.registered_model_version), model_uri=info.model_uri)
-    mlflow.log_dict(ctx.dm.input_slices().to_dict(), SLICES_ARTIFACT)  # the server slices traffic the same way
 
 
 def run_distillation(cfg: ExperimentConfig) -> DistillResult:

@@ -5,21 +5,24 @@ mode, the default) or PostgreSQL when one machine is outgrown. Rows are never up
 a label is a new `kd_ops_feedback` row (the latest one counts), a shadow score a new
 `kd_ops_shadow` row.
 
-Durability contract: `PredictionLog.write` returns only after the transaction holding the rows has
-committed (SQLite: `synchronous=FULL`, so the WAL is fsynced), and the server sends a response
-only after that. Writes are group-committed by one writer thread: requests that arrive while a
-commit is in flight share the next one, so the fsync is paid per batch, not per request.
+Durability contract: a write resolves only after the transaction holding its rows has committed
+(SQLite: `synchronous=FULL`, so the WAL is fsynced), and the server sends a response only after
+that. Writes are group-committed by one writer process (`kd_ops.log_writer`): requests that
+arrive while a commit is in flight share the next one, so the fsync is paid per batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
 import logging
-import queue
+import os
+import socket
+import subprocess
+import sys
 import threading
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -72,6 +75,11 @@ shadow = sa.Table(
 )
 
 
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
 class LogError(RuntimeError):
     """The store refused a write; the rows of that write are not stored."""
 
@@ -91,7 +99,8 @@ def utcnow() -> dt.datetime:
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as 32 hex digits, like uuid4().hex without building a UUID object."""
+    return os.urandom(16).hex()
 
 
 def _json(value: Any) -> str:
@@ -99,8 +108,9 @@ def _json(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
-def open_store(url: str, sqlite_sync: str = "FULL") -> Engine:
-    """An engine for `url` with the tables created. SQLite gets WAL, a busy timeout and foreign keys.
+def open_store(url: str, sqlite_sync: str = "FULL", create: bool = True) -> Engine:
+    """An engine for `url`; with `create`, the tables are created (else a store without them is an
+    error: a mistyped URL must not read as an empty log). SQLite gets WAL, a busy timeout, foreign keys.
 
     `sqlite_sync="FULL"` fsyncs the WAL at each commit (a committed prediction survives power loss);
     "NORMAL" survives a crash of the process but not of the machine.
@@ -109,9 +119,17 @@ def open_store(url: str, sqlite_sync: str = "FULL") -> Engine:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         raise ValueError(f"not a SQLAlchemy database URL: {url!r} (e.g. sqlite:///predictions.db)") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, json_serializer=_json, json_deserializer=orjson.loads, pool_pre_ping=True)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:") or "mode=memory" in url:
+            raise ValueError(f"{url!r} is an in-memory SQLite database: the writer process cannot share it; use a file")
+        path = Path(parsed.database).expanduser()
+        if not create and not path.exists():
+            raise ValueError(f"no prediction log at {url!r}: {path} does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # hide_parameters: a failed statement's message must not carry the clients' inputs into logs.
+    engine = sa.create_engine(
+        url, json_serializer=_json, json_deserializer=orjson.loads, pool_pre_ping=True, hide_parameters=True
+    )
     if engine.dialect.name == "sqlite":
 
         @sa.event.listens_for(engine, "connect")
@@ -123,117 +141,218 @@ def open_store(url: str, sqlite_sync: str = "FULL") -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
-    metadata.create_all(engine)
+    if create:
+        metadata.create_all(engine)
+    elif not sa.inspect(engine).has_table(predictions.name):
+        engine.dispose()
+        raise ValueError(f"no prediction log at {url!r}: it has no table {predictions.name}")
     return engine
 
 
-@dataclass
-class _Job:
-    table: sa.Table
-    rows: list[dict[str, Any]]
-    future: concurrent.futures.Future
-
-
 class PredictionLog:
-    """Group-committing writer plus the reads the server needs (feedback ids, counts)."""
+    """The server's handle on the log: writes go to a writer process (`kd_ops.log_writer`) and
+    resolve once committed; reads (feedback ids, counts) go straight to the store.
 
-    def __init__(self, url: str = DEFAULT_STORE, sqlite_sync: str = "FULL", max_batch_rows: int = 4096):
+    Writes come from the event loop that opened the log (`write_async`) or from any other thread
+    (`submit`, `write`). `open_sync` gives scripts and tests a log with a loop thread of its own.
+    """
+
+    MAX_BUFFERED_BYTES = 64 * 1024 * 1024  # unsent rows beyond this: the writer is stuck, refuse more
+
+    def __init__(self, url: str, engine: Engine, loop: asyncio.AbstractEventLoop):
         self.url = url
-        self.engine = open_store(url, sqlite_sync)
-        self.max_batch_rows = max_batch_rows
-        self.rows_written = 0
-        self.commits = 0
-        self.failures = 0
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="kd-ops-log-writer", daemon=True)
-        self._thread.start()
+        self.engine = engine
+        self.rows_written = self.commits = self.failures = 0
+        self._loop = loop
+        self._proc: subprocess.Popen | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._acks: asyncio.Task | None = None
+        self._pending: dict[int, tuple[asyncio.Future, int]] = {}
+        self._next_id = 0
+        self._closed = False
+        self._gone: str | None = None  # why the writer stopped, if it did
+        self._own_thread: threading.Thread | None = None
+
+    # -- opening and closing -----------------------------------------------------------
+    @classmethod
+    async def open(
+        cls, url: str = DEFAULT_STORE, sqlite_sync: str = "FULL", commit_delay_s: float = 0.0005
+    ) -> "PredictionLog":
+        """Create the tables and start the writer; raises ValueError (bad URL) or `LogError`."""
+        engine = await asyncio.to_thread(open_store, url, sqlite_sync)
+        log_ = cls(url, engine, asyncio.get_running_loop())
+        try:
+            await log_._start(sqlite_sync, commit_delay_s)
+        except BaseException:
+            await log_.aclose()
+            raise
+        return log_
+
+    @classmethod
+    def open_sync(cls, url: str = DEFAULT_STORE, sqlite_sync: str = "FULL", commit_delay_s: float = 0.0005):
+        """A log for code without an event loop: runs one in a daemon thread."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="kd-ops-log-loop", daemon=True)
+        thread.start()
+        try:
+            log_ = asyncio.run_coroutine_threadsafe(cls.open(url, sqlite_sync, commit_delay_s), loop).result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            raise
+        log_._own_thread = thread
+        return log_
+
+    async def _start(self, sqlite_sync: str, commit_delay_s: float) -> None:
+        from kd_ops.log_writer import encode
+
+        ours, theirs = socket.socketpair()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "kd_ops.log_writer", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 24)
+        # Settings travel over the socket, not the command line: a store URL may hold a password.
+        self._writer.write(encode({"url": self.url, "sqlite_sync": sqlite_sync, "commit_delay_s": commit_delay_s}))
+        first = await asyncio.wait_for(self._read_frame(), timeout=120)
+        if first is None or "error" in first:
+            why = first["error"] if first else "it exited"
+            raise LogError(f"the prediction log writer could not start: {why}")
+        self._acks = asyncio.create_task(self._read_acks())
+
+    async def _read_frame(self) -> Any:
+        try:
+            header = await self._reader.readexactly(4)
+            return orjson.loads(await self._reader.readexactly(int.from_bytes(header, "little")))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    async def _read_acks(self) -> None:
+        try:
+            while (msg := await self._read_frame()) is not None:
+                for jid in msg["ok"]:
+                    fut, n = self._pending.pop(jid)
+                    self.rows_written += n
+                    if not fut.done():  # a request cancelled meanwhile (client went away)
+                        fut.set_result(None)
+                for jid, why in msg["failed"].items():
+                    fut, _ = self._pending.pop(int(jid))
+                    if not fut.done():
+                        fut.set_exception(LogError(why))
+                self.commits, self.failures = msg["commits"], msg["failures"]
+        finally:
+            if not self._closed:
+                self._gone = "the prediction log writer stopped unexpectedly"
+                log.error("%s (exit code %s)", self._gone, self._proc.poll() if self._proc else None)
+            self._fail_pending(LogError(self._gone or "the prediction log is closed"))
+
+    def _fail_pending(self, exc: LogError) -> None:
+        pending, self._pending = self._pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def aclose(self, timeout: float = 30.0) -> None:
+        """Commit everything sent so far, then stop the writer. Later writes raise `LogError`."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None and self._gone is None:
+            from kd_ops.log_writer import CLOSE, encode
+
+            with contextlib.suppress(ConnectionError):
+                self._writer.write(encode([CLOSE, "", []]))
+                await self._writer.drain()
+        if self._acks is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._acks), timeout)
+        if self._proc is not None:
+            try:
+                await asyncio.to_thread(self._proc.wait, timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        if self._writer is not None:
+            self._writer.close()
+        self._fail_pending(LogError("the prediction log is closed"))
+        self.engine.dispose()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """`aclose` from outside the log's loop (stops the loop thread `open_sync` started)."""
+        self._not_on_loop()
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self.aclose(timeout), self._loop).result(timeout + 30)
+        if self._own_thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._own_thread.join(timeout)
+            self._loop.close()
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._gone is None
+
+    def pending(self) -> int:
+        return len(self._pending)
 
     # -- writes --------------------------------------------------------------------------
-    def submit(self, table: sa.Table, rows: list[dict[str, Any]]) -> concurrent.futures.Future:
-        """Queue rows for the next commit; the future resolves once they are committed."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        if not self._thread.is_alive():
-            fut.set_exception(LogError("the prediction log is closed"))
-        else:
-            self._queue.put(_Job(table, rows, fut))
+    def write_async(self, table: sa.Table, rows: list[dict[str, Any]] | dict[str, Any]) -> asyncio.Future:
+        """On the log's loop: a future that resolves once `rows` are committed (LogError if not).
+        For `predictions`, `rows` may be one `prediction_batch` (the server's fast path)."""
+        if not self.alive:
+            raise LogError(self._gone or "the prediction log is closed")
+        if self._writer.transport.get_write_buffer_size() > self.MAX_BUFFERED_BYTES:
+            raise LogError("the prediction log writer is not keeping up")
+        from kd_ops.log_writer import encode
+
+        self._next_id += 1
+        fut = self._loop.create_future()
+        self._pending[self._next_id] = (fut, len(rows["ids"]) if isinstance(rows, dict) else len(rows))
+        self._writer.write(encode([self._next_id, table.name, rows]))
         return fut
 
-    def write(self, table: sa.Table, rows: list[dict[str, Any]], timeout: float | None = None) -> None:
+    def submit(self, table: sa.Table, rows: list[dict[str, Any]] | dict[str, Any]) -> concurrent.futures.Future:
+        """From any thread but the log's loop: a future that resolves once committed."""
+        self._not_on_loop()
+        if not self.alive:
+            raise LogError(self._gone or "the prediction log is closed")
+
+        async def go() -> None:
+            await self.write_async(table, rows)
+
+        return asyncio.run_coroutine_threadsafe(go(), self._loop)
+
+    def write(self, table: sa.Table, rows: list[dict[str, Any]] | dict[str, Any], timeout: float | None = 120) -> None:
         """Blocking `submit`: returns once committed, raises `LogError` if the store refused."""
         self.submit(table, rows).result(timeout)
 
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            batch, n, stop = [job], len(job.rows), False
-            while n < self.max_batch_rows:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-                n += len(nxt.rows)
-            self._commit(batch)
-            if stop:
-                return
-
-    def _commit(self, batch: list[_Job]) -> None:
-        by_table: dict[str, list[dict[str, Any]]] = {}
-        tables = {}
-        for job in batch:
-            by_table.setdefault(job.table.name, []).extend(job.rows)
-            tables[job.table.name] = job.table
+    def _not_on_loop(self) -> None:
         try:
-            with self.engine.begin() as conn:
-                # Parents before children: shadow rows point at predictions of the same batch.
-                for name in sorted(by_table, key=lambda t: t != predictions.name):
-                    conn.execute(tables[name].insert(), by_table[name])
-        except Exception as exc:  # noqa: BLE001 - any store failure fails exactly these writes
-            if len(batch) > 1:  # find the job the store refused; the others still commit
-                for job in batch:
-                    self._commit([job])
-                return
-            self.failures += 1
-            log.error("prediction log: commit of %d rows failed: %s", sum(map(len, by_table.values())), exc)
-            for job in batch:
-                job.future.set_exception(LogError(f"prediction log write failed: {str(exc).splitlines()[0]}"))
+            running = asyncio.get_running_loop()
+        except RuntimeError:
             return
-        self.commits += 1
-        self.rows_written += sum(len(job.rows) for job in batch)
-        for job in batch:
-            job.future.set_result(None)
-
-    def pending(self) -> int:
-        return self._queue.qsize()
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Commit everything queued, then stop the writer."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout)
-        self.engine.dispose()
+        if running is self._loop:
+            raise RuntimeError("on the log's own event loop: use `await log.write_async(...)`")
 
     # -- feedback ------------------------------------------------------------------------
-    def add_feedback(self, labels: Sequence[tuple[str, int]]) -> int:
-        """Store (prediction id, label) pairs; all or none. Unknown ids raise `UnknownPredictions`.
-
-        Predictions are never deleted, so an id found by the check is still there at the insert.
-        """
-        ids = [pid for pid, _ in labels]
+    def missing(self, ids: Sequence[str]) -> list[tuple[int, str]]:
+        """(position, id) of each id the log does not hold. Predictions are never deleted, so an id
+        found here is still there when its feedback row is written."""
         found: set[str] = set()
         with self.engine.connect() as conn:
             for chunk in _chunks(sorted(set(ids)), 500):
                 found.update(conn.execute(sa.select(predictions.c.id).where(predictions.c.id.in_(chunk))).scalars())
-        missing = [(i, pid) for i, pid in enumerate(ids) if pid not in found]
+        return [(i, pid) for i, pid in enumerate(ids) if pid not in found]
+
+    def add_feedback(self, labels: Sequence[tuple[str, int]]) -> int:
+        """Store (prediction id, label) pairs from a thread; all or none (`UnknownPredictions`)."""
+        missing = self.missing([pid for pid, _ in labels])
         if missing:
             raise UnknownPredictions(missing)
-        now = utcnow()
-        self.write(feedback, [{"prediction_id": pid, "label": int(y), "received_at": now} for pid, y in labels])
+        self.write(feedback, feedback_rows(labels))
         return len(labels)
 
     def count(self, table: sa.Table = predictions) -> int:
@@ -241,39 +360,56 @@ class PredictionLog:
             return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
 
 
+def feedback_rows(labels: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+    now = utcnow()
+    return [{"prediction_id": pid, "label": int(y), "received_at": now} for pid, y in labels]
+
+
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
-def prediction_rows(
+def prediction_batch(
     name: str,
     version: str,
     x: np.ndarray,
     probs: np.ndarray,
     slices: list[dict[str, str]],
     ids: list[str] | None = None,
-) -> list[dict[str, Any]]:
-    """The log rows for one answered batch (one request id, one timestamp, one model version)."""
-    ids = ids or [new_id() for _ in range(len(x))]
-    classes = probs.argmax(axis=1)
-    confidence = probs.max(axis=1)
-    request_id, now = new_id(), utcnow()
+) -> dict[str, Any]:
+    """One answered request, by column: what the server sends the writer. Whole arrays serialise in
+    one call (orjson, in C); the writer process spends the per-row Python, not the request loop."""
+    return {
+        "ids": ids or [new_id() for _ in range(len(x))],
+        "created_at": utcnow(),
+        "model_name": name,
+        "model_version": version,
+        "request_id": new_id(),
+        "inputs": x,
+        "probabilities": probs,
+        "slices": slices,
+    }
+
+
+def prediction_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """The log rows of one `prediction_batch` (one request id, one timestamp, one model version)."""
+    probs = np.asarray(batch["probabilities"], dtype=np.float32)
+    x = np.asarray(batch["inputs"], dtype=np.float32)
+    classes, confidence = probs.argmax(axis=1), probs.max(axis=1)
+    common = {k: batch[k] for k in ("created_at", "model_name", "model_version", "request_id")}
     return [
         {
-            "id": ids[i],
-            "created_at": now,
-            "model_name": name,
-            "model_version": version,
-            "request_id": request_id,
+            "id": pid,
+            **common,
             "row_index": i,
             "inputs": x[i],
             "probabilities": probs[i],
             "predicted_class": int(classes[i]),
             "confidence": float(confidence[i]),
-            "slices": slices[i],
+            "slices": batch["slices"][i],
         }
-        for i in range(len(x))
+        for i, pid in enumerate(batch["ids"])
     ]
 
 
@@ -291,7 +427,9 @@ def read_predictions(
     """
     import pandas as pd
 
-    engine = open_store(url)
+    engine = open_store(url, create=False)
+    if since is not None and since.tzinfo is not None:  # stored times are naive UTC
+        since = since.astimezone(dt.UTC).replace(tzinfo=None)
     try:
         latest_label = (
             sa.select(feedback.c.prediction_id, feedback.c.label)

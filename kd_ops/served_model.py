@@ -114,8 +114,8 @@ def _slicer(client: Any, run_id: str | None) -> InputSlices | None:
         path = client.download_artifacts(run_id, SLICES_ARTIFACT)
         with open(path) as fh:
             return InputSlices.from_dict(json.load(fh))
-    except Exception as exc:  # noqa: BLE001 - older students carry no slice spec: serve without
-        log.info("no %s in run %s (%s): predictions are logged without derived slices", SLICES_ARTIFACT, run_id, exc)
+    except Exception as exc:  # noqa: BLE001 - students from before kd-ops 0.1 carry none: serve without
+        log.warning("no %s in run %s (%s): predictions are logged without derived slices", SLICES_ARTIFACT, run_id, exc)
         return None
 
 

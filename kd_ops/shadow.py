@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kd_ops.prediction_log import PredictionLog, shadow, utcnow
+from kd_ops.prediction_log import PredictionLog, first_line, shadow, utcnow
 from kd_ops.served_model import Proba, load_probability_fn
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class ShadowScorer:
             members = [load_probability_fn(u.strip()) for u in uri.split(",") if u.strip()]
         except Exception as exc:  # noqa: BLE001 - never take the server down for the shadow
             self._failed_at[uri] = time.monotonic()
-            self.last_error = f"cannot load teacher {uri}: {str(exc).splitlines()[0][:300]}"
+            self.last_error = f"cannot load teacher {uri}: {first_line(exc)}"
             log.error("shadow: %s", self.last_error)
             return None
         fn = members[0] if len(members) == 1 else (lambda x: np.mean([m(x) for m in members], axis=0))
@@ -98,14 +98,22 @@ class ShadowScorer:
                 self.scored += len(ids)
             except Exception as exc:  # noqa: BLE001
                 self.failed += len(ids)
-                self.last_error = str(exc).splitlines()[0][:300]
+                self.last_error = first_line(exc)
                 log.error("shadow: scoring %d rows failed: %s", len(ids), self.last_error)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Score what is queued, then stop (before the prediction log closes)."""
+        """Score what is queued (within `timeout`), then stop; before the prediction log closes."""
+        self.fraction = 0.0  # no new work
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self._queue.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
-            self._queue.put(None, timeout=timeout)
-            self._thread.join(timeout)
+            log.warning("shadow: %d queued requests left unscored at shutdown", self._queue.qsize())
 
     def stats(self) -> dict[str, Any]:
         return {

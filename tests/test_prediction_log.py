@@ -9,12 +9,13 @@ import sqlite3
 import numpy as np
 import pytest
 
+from kd_ops.log_writer import Committer
 from kd_ops.prediction_log import (
     LogError,
     PredictionLog,
     UnknownPredictions,
-    _Job,
     open_store,
+    prediction_batch,
     prediction_rows,
     predictions,
     read_predictions,
@@ -25,7 +26,7 @@ from kd_ops.prediction_log import (
 
 @pytest.fixture
 def plog(tmp_path):
-    log = PredictionLog(f"sqlite:///{tmp_path}/sub/p.db")
+    log = PredictionLog.open_sync(f"sqlite:///{tmp_path}/sub/p.db")
     yield log
     log.close()
 
@@ -34,7 +35,7 @@ def _batch(n: int, version: str = "1", name: str = "m", seed: int = 0) -> list[d
     rng = np.random.default_rng(seed)
     x = rng.random((n, 8), dtype=np.float32)
     probs = rng.dirichlet(np.ones(3), n).astype(np.float32)
-    return prediction_rows(name, version, x, probs, [{"ink": "low"}] * n)
+    return prediction_rows(prediction_batch(name, version, x, probs, [{"ink": "low"}] * n))
 
 
 def test_store_is_sqlite_in_wal_mode_with_full_sync(plog, tmp_path):
@@ -50,18 +51,37 @@ def test_concurrent_writes_are_group_committed_and_all_stored(plog):
     concurrent.futures.wait(jobs, timeout=120)
     assert all(f.exception() is None for f in jobs)
     assert plog.count() == 2000 == plog.rows_written
-    assert plog.commits < 2000  # requests that queued during a commit shared the next one
+    assert plog.commits < 2000  # writes that arrived during a commit shared the next one
 
 
-def test_a_refused_write_fails_alone_and_stores_nothing_of_its_own(plog):
-    good = _Job(predictions, _batch(3), concurrent.futures.Future())
+def test_a_refused_write_fails_alone_and_stores_nothing_of_its_own(tmp_path):
+    url = f"sqlite:///{tmp_path}/p.db"
+    committer = Committer(url)
     orphan = {"prediction_id": "nope", "teacher_uri": "t", "probabilities": [1.0], "predicted_class": 0}
-    bad = _Job(shadow, [{**orphan, "created_at": utcnow()}], concurrent.futures.Future())
-    plog._commit([good, bad])  # one batch: the foreign key refuses the shadow row
-    assert good.future.result() is None
+    # One batch: the foreign key refuses the shadow row; the predictions beside it still commit.
+    outcome = committer.commit(
+        [(1, "kd_ops_predictions", _batch(3)), (2, "kd_ops_shadow", [{**orphan, "created_at": utcnow()}])]
+    )
+    committer.close()
+    assert outcome == {1: None, 2: "prediction log write failed"}
+    assert len(read_predictions(url)) == 3
+
+
+def test_a_refused_write_is_a_log_error_and_the_log_goes_on(plog):
+    orphan = {"prediction_id": "nope", "teacher_uri": "t", "probabilities": [1.0], "predicted_class": 0}
     with pytest.raises(LogError, match="prediction log write failed"):
-        bad.future.result()
-    assert plog.count() == 3 and plog.count(shadow) == 0
+        plog.write(shadow, [{**orphan, "created_at": utcnow()}])
+    plog.write(predictions, _batch(2))
+    assert plog.count() == 2 and plog.count(shadow) == 0 and plog.failures == 1
+
+
+def test_a_writer_that_dies_fails_writes_instead_of_hanging(plog):
+    plog.write(predictions, _batch(1))
+    plog._proc.kill()
+    plog._proc.wait()
+    with pytest.raises(LogError):
+        plog.write(predictions, _batch(1), timeout=30)
+    assert not plog.alive and plog.count() == 1
 
 
 def test_feedback_is_all_or_nothing_and_the_latest_label_counts(plog):
@@ -92,7 +112,7 @@ def test_window_reads_filter_by_model_time_and_count(plog):
 
 
 def test_close_commits_what_is_queued(tmp_path):
-    log = PredictionLog(f"sqlite:///{tmp_path}/p.db")
+    log = PredictionLog.open_sync(f"sqlite:///{tmp_path}/p.db")
     futures = [log.submit(predictions, _batch(2, seed=i)) for i in range(50)]
     log.close()
     assert all(f.done() and f.exception() is None for f in futures)
@@ -101,6 +121,11 @@ def test_close_commits_what_is_queued(tmp_path):
         log.write(predictions, _batch(1))
 
 
-def test_a_bad_store_url_is_named():
+def test_a_bad_store_url_is_named(tmp_path):
     with pytest.raises(ValueError, match="not a SQLAlchemy database URL: 'predictions.db'"):
         open_store("predictions.db")
+    with pytest.raises(ValueError, match="in-memory SQLite"):
+        open_store("sqlite://")
+    with pytest.raises(ValueError, match="no prediction log at"):  # a typo must not read as an empty log
+        read_predictions(f"sqlite:///{tmp_path}/typo.db")
+    assert not (tmp_path / "typo.db").exists()

@@ -145,6 +145,8 @@ def test_every_bad_input_is_a_4xx_naming_the_field_and_the_log_is_untouched(serv
         ({"rows": [row], "slices": [{"a": "1"}, {"a": "2"}]}, 422, "slices"),
         ({"rows": [row], "slices": {"ink": "low"}}, 422, "slices.ink"),
         ({"rows": [row], "slices": {"bad key": "x"}}, 422, "slices.bad key"),
+        ({"rows": [row, row], "slices": [{"a": "1"}, 3]}, 422, "slices[1]"),
+        ({"rows": "not rows", "extra": 1}, 422, "rows"),
         ("this is not json", 422, "body"),
     ]
     for body, status, field in cases:
