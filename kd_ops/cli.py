@@ -207,6 +207,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         print(f"kd-ops: feedback token from {origin}", file=sys.stderr)
         serve(settings, args.host, args.port)
+    except KeyboardInterrupt:  # Ctrl-C after a clean shutdown: no traceback
+        return 130
     except (*_user_errors(), OSError) as exc:
         print(f"kd-ops: {exc}", file=sys.stderr)
         return EXIT_CONFIG

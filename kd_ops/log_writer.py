@@ -26,32 +26,20 @@ import sys
 import time
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 
-from kd_ops.prediction_log import first_line, metadata, open_store, prediction_rows, predictions
+from kd_ops.prediction_log import (
+    CLOSE,
+    decode_frames,
+    encode,
+    first_line,
+    metadata,
+    open_store,
+    prediction_rows,
+    predictions,
+)
 
 log = logging.getLogger(__name__)
-
-CLOSE = -1
-_HEADER = 4
-
-
-def encode(message: Any) -> bytes:
-    body = orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY)
-    return len(body).to_bytes(_HEADER, "little") + body
-
-
-def decode_frames(buf: bytearray) -> list[Any]:
-    """Every complete frame at the start of `buf` (removed from it); a partial one stays."""
-    out = []
-    while len(buf) >= _HEADER:
-        n = int.from_bytes(buf[:_HEADER], "little")
-        if len(buf) < _HEADER + n:
-            break
-        out.append(orjson.loads(bytes(buf[_HEADER : _HEADER + n])))
-        del buf[: _HEADER + n]
-    return out
 
 
 class _Refused(Exception):
@@ -65,22 +53,25 @@ class _Insert:
     and reads back. With a positional paramstyle (SQLite's `?`) a batch is one multi-row
     `INSERT ... VALUES (...), (...)` statement."""
 
-    MAX_PARAMS = 30000  # SQLite allows 32766 variables per statement
-
-    def __init__(self, table: sa.Table, dialect: sa.engine.Dialect, keys: tuple[str, ...]):
+    def __init__(self, table: sa.Table, dialect: sa.engine.Dialect, keys: tuple[str, ...], max_params: int):
         # Only the columns given: an autoincrement id left out is filled by the database (PostgreSQL
         # refuses an explicit NULL there).
-        compiled = table.insert().compile(dialect=dialect, column_keys=list(keys))
+        # inline(): no RETURNING of the generated id (PostgreSQL would add one; nobody reads it).
+        compiled = table.insert().inline().compile(dialect=dialect, column_keys=list(keys))
         self.sql = str(compiled)
         self.keys = list(compiled.positiontup) if compiled.positiontup else None  # None: named paramstyle
-        self.processors = {c.key: proc for c in table.columns if (proc := c.type.bind_processor(dialect)) is not None}
+        self.processors = {
+            c.key: proc
+            for c in table.columns
+            if (proc := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
         # Rows arrive as JSON: timestamps are ISO strings again, turned back into datetimes here.
         self.times = {c.key for c in table.columns if isinstance(c.type, sa.DateTime)}
         self.multi_row: tuple[str, str] | None = None
         head, sep, values = self.sql.rpartition(" VALUES ")
         if self.keys is not None and sep and values.startswith("(") and values.endswith(")"):
             self.multi_row = (head + sep, values)
-        self.rows_per_statement = max(1, self.MAX_PARAMS // max(1, len(keys)))
+        self.rows_per_statement = max(1, max_params // max(1, len(keys)))
 
     def _value(self, key: str, value: Any) -> Any:
         if key in self.times and isinstance(value, str):
@@ -112,6 +103,13 @@ class Committer:
         self.commits = self.rows = self.failures = 0
         self._inserts: dict[tuple[str, tuple[str, ...]], _Insert] = {}
         self._raw: Any = None  # one DBAPI connection, held between commits
+        self.max_params = 30000
+        if self.engine.dialect.name == "sqlite":  # older SQLite builds allow only 999 variables
+            import sqlite3
+
+            with self.engine.connect() as conn:
+                limit = conn.connection.driver_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+            self.max_params = min(self.max_params, limit)
 
     def commit(self, jobs: list[tuple[int, str, list[dict[str, Any]]]]) -> dict[int, str | None]:
         """{job id: None if committed, else why not}."""
@@ -142,7 +140,7 @@ class Committer:
             for row in rows:
                 key = (name, tuple(row))
                 if key not in self._inserts:
-                    self._inserts[key] = _Insert(self.tables[name], self.engine.dialect, key[1])
+                    self._inserts[key] = _Insert(self.tables[name], self.engine.dialect, key[1], self.max_params)
                 groups.setdefault(key, []).append(row)
         if self._raw is None:
             self._raw = self.engine.raw_connection()
@@ -158,8 +156,10 @@ class Committer:
             except Exception:  # noqa: BLE001 - the connection is gone: a new one next time
                 self._raw.invalidate()
                 self._raw = None
-            if isinstance(exc, self.engine.dialect.loaded_dbapi.IntegrityError):
-                raise _Refused(exc) from exc
+            dbapi = self.engine.dialect.loaded_dbapi
+            connection_level = (dbapi.OperationalError, dbapi.InterfaceError)
+            if isinstance(exc, dbapi.Error) and not isinstance(exc, connection_level):
+                raise _Refused(exc) from exc  # about some row (a constraint, a value too long)
             raise
         finally:
             cursor.close()
@@ -208,15 +208,20 @@ def serve_socket(sock: socket.socket) -> None:
                     sock.setblocking(True)
                 frames = decode_frames(buf)
             jobs = []
+            outcome: dict[int, str | None] = {}
             for jid, name, rows in frames:
                 if jid == CLOSE:
                     closing = True
                     break
-                jobs.append((jid, name, prediction_rows(rows) if isinstance(rows, dict) else rows))
+                try:
+                    jobs.append((jid, name, prediction_rows(rows) if isinstance(rows, dict) else rows))
+                except Exception as exc:  # noqa: BLE001 - a malformed job fails alone
+                    log.error("prediction log: malformed write: %s", first_line(exc))
+                    outcome[jid] = "prediction log write failed"
             frames = []
-            if not jobs:
+            if not jobs and not outcome:
                 continue
-            outcome = committer.commit(jobs)
+            outcome.update(committer.commit(jobs) if jobs else {})
             last_jobs = len(jobs)
             sock.sendall(
                 encode(

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -149,6 +150,44 @@ def open_store(url: str, sqlite_sync: str = "FULL", create: bool = True) -> Engi
     return engine
 
 
+# -- the socket protocol between the server and its writer process (see kd_ops.log_writer) ----
+CLOSE = -1  # job id of the frame that asks the writer to commit what it holds and exit
+_HEADER = 4
+
+
+def encode(message: Any) -> bytes:
+    """One frame: 4-byte little-endian length, then the orjson body (numpy arrays written directly)."""
+    body = orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY)
+    return len(body).to_bytes(_HEADER, "little") + body
+
+
+def decode_frames(buf: bytearray) -> list[Any]:
+    """Every complete frame at the start of `buf` (removed from it); a partial one stays."""
+    out = []
+    while len(buf) >= _HEADER:
+        n = int.from_bytes(buf[:_HEADER], "little")
+        if len(buf) < _HEADER + n:
+            break
+        out.append(orjson.loads(bytes(buf[_HEADER : _HEADER + n])))
+        del buf[: _HEADER + n]
+    return out
+
+
+class _WriterLink(asyncio.Protocol):
+    """The parent's end of the socket to the writer process: frames in, `PredictionLog` told."""
+
+    def __init__(self, owner: "PredictionLog"):
+        self.owner = owner
+
+    def data_received(self, data: bytes) -> None:
+        self.owner._buf += data
+        for msg in decode_frames(self.owner._buf):
+            self.owner._on_frame(msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._on_lost()
+
+
 class PredictionLog:
     """The server's handle on the log: writes go to a writer process (`kd_ops.log_writer`) and
     resolve once committed; reads (feedback ids, counts) go straight to the store.
@@ -158,6 +197,7 @@ class PredictionLog:
     """
 
     MAX_BUFFERED_BYTES = 64 * 1024 * 1024  # unsent rows beyond this: the writer is stuck, refuse more
+    COMMIT_TIMEOUT_S = 30.0  # a write not acknowledged by then fails (it may still commit: the safe direction)
 
     def __init__(self, url: str, engine: Engine, loop: asyncio.AbstractEventLoop):
         self.url = url
@@ -165,10 +205,13 @@ class PredictionLog:
         self.rows_written = self.commits = self.failures = 0
         self._loop = loop
         self._proc: subprocess.Popen | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._acks: asyncio.Task | None = None
-        self._pending: dict[int, tuple[asyncio.Future, int]] = {}
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._ready: asyncio.Future = loop.create_future()  # the writer's first frame
+        self._lost: asyncio.Future = loop.create_future()  # the socket closed
+        self._pending: dict[int, tuple[asyncio.Future, int]] = {}  # insertion order = oldest first
+        self._sent_at: dict[int, float] = {}
+        self._sweeper: asyncio.Task | None = None
         self._next_id = 0
         self._closed = False
         self._gone: str | None = None  # why the writer stopped, if it did
@@ -199,59 +242,84 @@ class PredictionLog:
             log_ = asyncio.run_coroutine_threadsafe(cls.open(url, sqlite_sync, commit_delay_s), loop).result()
         except BaseException:
             loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
             raise
         log_._own_thread = thread
         return log_
 
     async def _start(self, sqlite_sync: str, commit_delay_s: float) -> None:
-        from kd_ops.log_writer import encode
-
         ours, theirs = socket.socketpair()
+        # -P and PYTHONPATH: the writer imports the same kd_ops as the server, never one in its cwd.
+        here = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "kd_ops.log_writer", str(theirs.fileno())],
+                [sys.executable, "-P", "-m", "kd_ops.log_writer", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
+                env=env,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 24)
+        self._transport, _ = await self._loop.create_unix_connection(lambda: _WriterLink(self), sock=ours)
         # Settings travel over the socket, not the command line: a store URL may hold a password.
-        self._writer.write(encode({"url": self.url, "sqlite_sync": sqlite_sync, "commit_delay_s": commit_delay_s}))
-        first = await asyncio.wait_for(self._read_frame(), timeout=120)
-        if first is None or "error" in first:
-            why = first["error"] if first else "it exited"
-            raise LogError(f"the prediction log writer could not start: {why}")
-        self._acks = asyncio.create_task(self._read_acks())
-
-    async def _read_frame(self) -> Any:
+        self._transport.write(encode({"url": self.url, "sqlite_sync": sqlite_sync, "commit_delay_s": commit_delay_s}))
         try:
-            header = await self._reader.readexactly(4)
-            return orjson.loads(await self._reader.readexactly(int.from_bytes(header, "little")))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return None
+            first = await asyncio.wait_for(asyncio.shield(self._ready), timeout=120)
+        except asyncio.TimeoutError:
+            first = {"error": "no answer within 120 s"}
+        if "error" in first:
+            raise LogError(f"the prediction log writer could not start: {first['error']}")
+        self._sweeper = self._loop.create_task(self._sweep())
 
-    async def _read_acks(self) -> None:
-        try:
-            while (msg := await self._read_frame()) is not None:
-                for jid in msg["ok"]:
-                    fut, n = self._pending.pop(jid)
-                    self.rows_written += n
-                    if not fut.done():  # a request cancelled meanwhile (client went away)
-                        fut.set_result(None)
-                for jid, why in msg["failed"].items():
-                    fut, _ = self._pending.pop(int(jid))
-                    if not fut.done():
-                        fut.set_exception(LogError(why))
-                self.commits, self.failures = msg["commits"], msg["failures"]
-        finally:
-            if not self._closed:
-                self._gone = "the prediction log writer stopped unexpectedly"
-                log.error("%s (exit code %s)", self._gone, self._proc.poll() if self._proc else None)
-            self._fail_pending(LogError(self._gone or "the prediction log is closed"))
+    async def _sweep(self) -> None:
+        """Fail writes the writer has not acknowledged within COMMIT_TIMEOUT_S (a stuck store), so
+        no request waits forever; one timer for all of them, not one per request."""
+        while True:
+            await asyncio.sleep(1.0)
+            limit = time.monotonic() - self.COMMIT_TIMEOUT_S
+            for jid in [j for j, t in self._sent_at.items() if t < limit]:
+                fut, _ = self._pending.pop(jid, (None, 0))
+                self._sent_at.pop(jid, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(LogError(f"the prediction log did not commit within {self.COMMIT_TIMEOUT_S:g} s"))
+
+    # Called by `_WriterLink` on the loop: acknowledgements resolve their requests' futures at once,
+    # with no reader task in between (one turn of the loop sooner under load).
+    def _on_frame(self, msg: Any) -> None:
+        if not self._ready.done():
+            self._ready.set_result(msg)
+            return
+        for jid in msg["ok"]:
+            fut, n = self._pending.pop(jid, (None, 0))
+            self._sent_at.pop(jid, None)
+            self.rows_written += n
+            if fut is not None and not fut.done():  # a request cancelled meanwhile (client went away)
+                fut.set_result(None)
+        for jid, why in msg["failed"].items():
+            fut, _ = self._pending.pop(int(jid), (None, 0))
+            self._sent_at.pop(int(jid), None)
+            if fut is not None and not fut.done():
+                fut.set_exception(LogError(why))
+        self.commits, self.failures = msg["commits"], msg["failures"]
+
+    def _on_lost(self) -> None:
+        if not self._ready.done():
+            self._ready.set_result({"error": "it exited"})
+        if not self._closed:
+            self._gone = "the prediction log writer stopped unexpectedly"
+            log.error("%s (exit code %s)", self._gone, self._proc.poll() if self._proc else None)
+        self._fail_pending(LogError(self._gone or "the prediction log is closed"))
+        if not self._lost.done():
+            self._lost.set_result(None)
 
     def _fail_pending(self, exc: LogError) -> None:
         pending, self._pending = self._pending, {}
+        self._sent_at.clear()
         for fut, _ in pending.values():
             if not fut.done():
                 fut.set_exception(exc)
@@ -261,22 +329,21 @@ class PredictionLog:
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None and self._gone is None:
-            from kd_ops.log_writer import CLOSE, encode
-
-            with contextlib.suppress(ConnectionError):
-                self._writer.write(encode([CLOSE, "", []]))
-                await self._writer.drain()
-        if self._acks is not None:
+        if self._transport is not None and self._gone is None and not self._transport.is_closing():
+            # The writer commits and acknowledges what precedes this frame, then exits: the socket closes.
+            self._transport.write(encode([CLOSE, "", []]))
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._acks), timeout)
+                await asyncio.wait_for(asyncio.shield(self._lost), timeout)
         if self._proc is not None:
             try:
                 await asyncio.to_thread(self._proc.wait, timeout)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
-        if self._writer is not None:
-            self._writer.close()
+                await asyncio.to_thread(self._proc.wait)
+        if self._transport is not None:
+            self._transport.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self._fail_pending(LogError("the prediction log is closed"))
         self.engine.dispose()
 
@@ -285,7 +352,7 @@ class PredictionLog:
         self._not_on_loop()
         if self._loop.is_closed():
             return
-        asyncio.run_coroutine_threadsafe(self.aclose(timeout), self._loop).result(timeout + 30)
+        asyncio.run_coroutine_threadsafe(self.aclose(timeout), self._loop).result(3 * timeout)
         if self._own_thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._own_thread.join(timeout)
@@ -304,14 +371,14 @@ class PredictionLog:
         For `predictions`, `rows` may be one `prediction_batch` (the server's fast path)."""
         if not self.alive:
             raise LogError(self._gone or "the prediction log is closed")
-        if self._writer.transport.get_write_buffer_size() > self.MAX_BUFFERED_BYTES:
+        if self._transport.get_write_buffer_size() > self.MAX_BUFFERED_BYTES:
             raise LogError("the prediction log writer is not keeping up")
-        from kd_ops.log_writer import encode
-
+        frame = encode([self._next_id + 1, table.name, rows])  # first: a row orjson refuses registers nothing
         self._next_id += 1
         fut = self._loop.create_future()
         self._pending[self._next_id] = (fut, len(rows["ids"]) if isinstance(rows, dict) else len(rows))
-        self._writer.write(encode([self._next_id, table.name, rows]))
+        self._sent_at[self._next_id] = time.monotonic()
+        self._transport.write(frame)
         return fut
 
     def submit(self, table: sa.Table, rows: list[dict[str, Any]] | dict[str, Any]) -> concurrent.futures.Future:

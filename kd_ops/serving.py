@@ -227,6 +227,11 @@ class ServerState:
                         raise
                     old, self.current = self.current, new
                     self.swaps.append({"from": old.version, "to": new.version, "at": new.loaded_at})
+                    del old
+                    # The old version was frozen out of the collector at start-up: let it go.
+                    gc.unfreeze()
+                    gc.collect()
+                    gc.freeze()
                     log.warning("serving %s v%s (was v%s): @%s moved", s.name, new.version, old.version, s.alias)
                 self.watch_checked, self.watch_error = utcnow().isoformat(timespec="seconds") + "Z", None
             except asyncio.CancelledError:
@@ -336,6 +341,9 @@ def create_app(state: ServerState) -> FastAPI:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+            # Here, not after `serve()` returns: uvicorn re-raises SIGTERM/SIGINT once its shutdown is
+            # done. In-flight requests have finished by now; what they logged is committed before exit.
+            await state.aclose()
 
     app = FastAPI(
         title="kd-ops serve",

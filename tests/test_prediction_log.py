@@ -129,3 +129,17 @@ def test_a_bad_store_url_is_named(tmp_path):
     with pytest.raises(ValueError, match="no prediction log at"):  # a typo must not read as an empty log
         read_predictions(f"sqlite:///{tmp_path}/typo.db")
     assert not (tmp_path / "typo.db").exists()
+
+
+def test_times_are_stored_as_sqlalchemy_writes_them(tmp_path):
+    """A row written at a whole second must be found by a window starting at that second."""
+    import datetime as dt
+
+    url = f"sqlite:///{tmp_path}/p.db"
+    committer = Committer(url)
+    rows = _batch(1)
+    t0 = dt.datetime(2026, 1, 2, 3, 4, 5)  # no microseconds
+    committer.commit([(1, "kd_ops_predictions", [{**rows[0], "created_at": t0.isoformat()}])])
+    committer.close()
+    frame = read_predictions(url, since=t0)
+    assert len(frame) == 1 and frame["created_at"].iloc[0] == t0
