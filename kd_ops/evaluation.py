@@ -51,7 +51,8 @@ CORRUPTION_KINDS = ("noise", "shift", "contrast")
 
 @dataclass
 class Candidate:
-    """One deployable model, however it runs: raw float32 rows -> (n, classes) log-probabilities."""
+    """One deployable model, however it runs: raw float32 rows -> (n, classes) logits (torch) or
+    log-probabilities (scikit-learn, ONNX exports of either); a softmax gives probabilities for all."""
 
     name: str
     predict: Callable[[np.ndarray], np.ndarray]

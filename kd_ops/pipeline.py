@@ -45,6 +45,7 @@ from kd_ops.lineage import lineage as lineage_scope
 from kd_ops.loading import load_for_data
 from kd_ops.losses import build_losses, taps_of
 from kd_ops.models import build_model, freeze
+from kd_ops.reference import build_reference, log_reference
 from kd_ops.slicing import SLICES_ARTIFACT
 
 log = logging.getLogger("kd_ops")
@@ -361,8 +362,10 @@ def _born_again_chain(ctx: _Context, teacher: nn.Module, method_cfg: DistillConf
 
 def _register(ctx: _Context, student: Any) -> None:
     cfg = ctx.cfg
-    # Before the version exists: a served version always finds how to slice its traffic.
+    # Before the version exists: a served version always finds how to slice its traffic, and a
+    # monitor always finds the reference to compare that traffic with.
     mlflow.log_dict(ctx.dm.input_slices().to_dict(), SLICES_ARTIFACT)
+    log_reference(build_reference(student, ctx.models.get("teacher"), ctx.dm))
     if isinstance(student, nn.Module):
         info = tracking.log_torch_model(student, ctx.example, registered_name=cfg.registry.name)
     else:
