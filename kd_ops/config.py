@@ -12,7 +12,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -144,6 +144,59 @@ class RegistryConfig(_Section):
 GATE_PREFIXES = ("min_", "max_")
 
 
+class WebhookHook(_Section):
+    """POST the alert as JSON (or a Slack-compatible body); optionally signed with HMAC-SHA256."""
+
+    type: Literal["webhook"] = "webhook"
+    url: str | None = Field(None, description="http(s) URL to POST to")
+    url_env: str | None = Field(None, description="environment variable holding the URL (a Slack URL is a secret)")
+    format: Literal["json", "slack"] = "json"
+    secret_env: str | None = Field(None, description="environment variable holding the HMAC key")
+    timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0, le=10, description="further attempts after a connection error, 429 or 5xx")
+    backoff_s: float = Field(0.5, ge=0, description="first wait between attempts; doubles each time")
+
+    @model_validator(mode="after")
+    def _one_url(self) -> "WebhookHook":
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give exactly one of url and url_env")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url = {self.url!r}: must start with http:// or https://")
+        return self
+
+
+class CommandHook(_Section):
+    """Run a command (no shell) with the alert as JSON on stdin."""
+
+    type: Literal["command"] = "command"
+    command: list[str] = Field(min_length=1)
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class EntryPointHook(_Section):
+    """A hook an installed package registers in the entry-point group `kd_ops.alert_hooks`."""
+
+    type: Literal["entry_point"] = "entry_point"
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+HookConfig = Annotated[WebhookHook | CommandHook | EntryPointHook, Field(discriminator="type")]
+
+
+class AlertsConfig(_Section):
+    hooks: list[HookConfig] = Field(default_factory=list)
+    notify_on: Literal["alert", "warn"] = Field("alert", description="lowest status that is sent")
+    cooldown_minutes: float = Field(
+        60.0, ge=0, description="the same reason for the same model is sent at most once per cooldown"
+    )
+    state_file: str = Field(".kd-ops/alert-state.json", description="when each (model, reason) was last sent")
+
+
+class MonitorConfig(_Section):
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+
 def check_gate_keys(gates: dict[str, float]) -> dict[str, float]:
     """Gate keys are `min_<metric>` or `max_<metric>`; whether the metric exists is checked in
     `kd_ops.components` (it needs the evaluation module)."""
@@ -170,6 +223,7 @@ class ExperimentConfig(_Section):
         default_factory=dict,
         description="promotion gates: min_<metric> / max_<metric> -> threshold, on the student's test metrics",
     )
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @model_validator(mode="after")
     def _gate_keys(self) -> "ExperimentConfig":
@@ -191,12 +245,14 @@ class ExperimentConfig(_Section):
     def hash(self) -> str:
         """Fingerprint of everything that shapes the result (tracking location excluded)."""
         d = self.model_dump(
-            mode="json", exclude={"tracking": True, "train": {"progress_bar"}, "distill": {"cache": {"dir"}}}
+            mode="json",
+            exclude={"tracking": True, "monitor": True, "train": {"progress_bar"}, "distill": {"cache": {"dir"}}},
         )
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values, for MLflow params."""
+        """Dotted keys -> values, for MLflow params. The monitor section stays out: it shapes no
+        model, and hook settings (webhook URLs) can be secrets."""
         out: dict[str, Any] = {}
 
         def walk(prefix: str, value: Any) -> None:
@@ -206,7 +262,7 @@ class ExperimentConfig(_Section):
             else:
                 out[prefix] = value
 
-        walk("", self.model_dump(mode="json"))
+        walk("", self.model_dump(mode="json", exclude={"monitor"}))
         return out
 
 
