@@ -215,6 +215,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    overrides = list(args.set or [])
+    for flag, key in (
+        (args.store, "store"),
+        (args.window_rows, "window_rows"),
+        (args.window_minutes, "window_minutes"),
+    ):
+        if flag is not None:
+            overrides.append(f"monitor.{key}={flag}")
+    if args.window_minutes is not None and args.window_rows is None:
+        overrides.append("monitor.window_rows=null")
+    args.set = overrides
+    cfg = _config(args)
+    if cfg is None:
+        return EXIT_CONFIG
+    from monitors.monitor import run_monitor
+
+    _quiet_libraries(args.verbose)
+    real_stdout = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_monitor(cfg, record=not args.no_record, notify=not args.no_alerts)
+    except _user_errors() as exc:
+        print(f"kd-ops: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        json.dump(result.to_json(), real_stdout)
+        real_stdout.write("\n")
+        return 0
+    w = result.window
+    print(
+        f"{result.model_name} v{result.model_version or '?'}: {result.status.upper()}"
+        f"  ({w.get('rows', 0)} rows, {w.get('labelled_rows', 0)} labelled, {w.get('shadow_rows', 0)} shadow-scored)"
+    )
+    for r in result.reasons:
+        print(f"  {r.status:<5} {r.message}")
+    shown = [k for k in result.metrics if not k.startswith("drift_p_value_")]
+    for k in shown:
+        print(f"  {k:<36} {result.metrics[k]:.4f}")
+    for s in result.skipped:
+        print(f"  not judged: {s}")
+    if result.run_id:
+        print(f"logged as run {result.run_id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-ops", description="Knowledge distillation as a production loop.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -254,6 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--json", action="store_true", help="print the aliases as one JSON object")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("monitor", help="judge the latest window of the prediction log: ok, warn or alert, and why")
+    p.add_argument("config", help="experiment YAML (its registry.name, tracking and monitor sections apply)")
+    p.add_argument("--window-rows", type=int, help="the latest N predictions (overrides monitor.window_rows)")
+    p.add_argument("--window-minutes", type=float, help="the predictions of the last M minutes")
+    p.add_argument("--store", help="prediction log URL (overrides monitor.store)")
+    p.add_argument("--no-alerts", action="store_true", help="judge and record, but send no alert")
+    p.add_argument("--no-record", action="store_true", help="no MLflow run, no Evidently workspace entry")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("serve", help="serve NAME@ALIAS over HTTP, logging every prediction; swaps in new champions")
     p.add_argument("name", help="registered model name")

@@ -193,7 +193,43 @@ class AlertsConfig(_Section):
     state_file: str = Field(".kd-ops/alert-state.json", description="when each (model, reason) was last sent")
 
 
+class Threshold(_Section):
+    """A signal is `warn` past `warn` and `alert` past `alert` (both in the signal's own units)."""
+
+    warn: float
+    alert: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Threshold":
+        if self.alert < self.warn:
+            raise ValueError(f"alert ({self.alert}) must be at least warn ({self.warn})")
+        return self
+
+
+def _threshold(warn: float, alert: float, what: str) -> Any:
+    return Field(default_factory=lambda: Threshold(warn=warn, alert=alert), description=what)
+
+
+class MonitorThresholds(_Section):
+    drift_share: Threshold = _threshold(0.3, 0.5, "share of input features whose distribution drifted")
+    prediction_drift: Threshold = _threshold(0.99, 0.999, "1 - p-value of the predicted-class drift test")
+    confidence_drift: Threshold = _threshold(0.99, 0.999, "1 - p-value of the confidence drift test")
+    accuracy_drop: Threshold = _threshold(0.03, 0.06, "reference accuracy minus accuracy on labelled rows")
+    slice_accuracy_drop: Threshold = _threshold(0.06, 0.12, "the same, worst slice")
+    estimated_accuracy_drop: Threshold = _threshold(0.03, 0.06, "reference accuracy minus the label-free estimate")
+    agreement_drop: Threshold = _threshold(0.03, 0.06, "reference agreement with the teacher minus the window's")
+
+
 class MonitorConfig(_Section):
+    store: str = Field("sqlite:///predictions.db", description="the prediction log (a SQLAlchemy URL)")
+    window_rows: int | None = Field(1000, ge=1, description="judge the latest N predictions of the served version")
+    window_minutes: float | None = Field(None, gt=0, description="or: the predictions of the last M minutes")
+    min_rows: int = Field(200, ge=1, description="fewer rows in the window: status 'insufficient', no verdict")
+    min_labelled_rows: int = Field(100, ge=1, description="fewer labelled rows: accuracy is not judged")
+    min_slice_rows: int = Field(30, ge=1, description="fewer rows in a slice: that slice is not judged")
+    drift_p_value: float = Field(0.05, gt=0, lt=1, description="per-feature drift test level")
+    thresholds: MonitorThresholds = Field(default_factory=MonitorThresholds)
+    workspace: str | None = Field(".kd-ops/evidently", description="Evidently workspace for the report history")
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
 

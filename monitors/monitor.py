@@ -1,0 +1,252 @@
+"""Judge a window of the deployed student's traffic against its reference: ok, warn or alert, and why.
+
+Signals, each compared with the reference stored when the student was distilled:
+  data drift        share of input features whose distribution drifted (Evidently, per feature)
+  prediction drift  of the predicted class and of the confidence (Evidently ValueDrift)
+  accuracy          on rows whose feedback label arrived, overall and per slice; each slice is
+                    scored on its own rows (Evidently's GroupBy returns the overall value for
+                    every group with classification metrics)
+  label-free        agreement with the shadow teacher where it scored, and accuracy estimated
+                    from confidence, calibrated on the reference (isotonic regression)
+A window with fewer than `min_rows` rows says so (status "insufficient") instead of guessing;
+signals without enough rows (labels, a slice, shadow scores) are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kd_ops.config import ExperimentConfig, MonitorConfig, Threshold
+from kd_ops.reference import Reference, load_reference
+from monitors.alerts import Alert, Reason
+from monitors.window import Window, load_window
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MonitorResult:
+    model_name: str
+    model_version: str
+    status: str  # ok | warn | alert | insufficient
+    reasons: list[Reason] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # signals not judged, and why
+    window: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    snapshot: Any = field(default=None, repr=False)  # the Evidently snapshot
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "snapshot"}
+        out["reasons"] = [asdict(r) for r in self.reasons]
+        return out
+
+    def alert(self) -> Alert:
+        return Alert(self.model_name, self.model_version, self.status, tuple(self.reasons), window=self.window)
+
+
+# -- label-free estimates -----------------------------------------------------------------------
+def confidence_estimate(reference: Reference, confidence: np.ndarray) -> float:
+    """Expected accuracy of a window from its confidences, calibrated on the reference: an isotonic
+    map from confidence to P(correct), fitted where the labels are known, averaged over the window."""
+    from sklearn.isotonic import IsotonicRegression
+
+    correct = (reference.predicted == reference.labels).astype(float)
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(reference.confidence, correct)
+    return float(iso.predict(confidence).mean())
+
+
+def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    return float((pred == labels).mean())
+
+
+# -- Evidently ------------------------------------------------------------------------------------
+def _frame(x: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    df = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
+    df["predicted"] = probs.argmax(axis=1).astype(str)
+    df["confidence"] = probs.max(axis=1)
+    return df
+
+
+def drift_report(window: Window, reference: Reference, p_value: float) -> tuple[Any, dict[str, float]]:
+    """One Evidently report: per-feature drift and its share, predicted-class and confidence drift."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import DriftedColumnsCount, ValueDrift
+
+    features = [f"f{i}" for i in range(window.x.shape[1])]
+    definition = DataDefinition(numerical_columns=[*features, "confidence"], categorical_columns=["predicted"])
+    current = Dataset.from_pandas(_frame(window.x, window.probabilities), data_definition=definition)
+    ref = Dataset.from_pandas(_frame(reference.x, reference.probabilities), data_definition=definition)
+    # Tests named explicitly: Evidently's defaults switch to distances (not p-values) on large data.
+    metrics = [
+        DriftedColumnsCount(columns=features, num_method="ks", num_threshold=p_value),
+        ValueDrift(column="predicted", method="chisquare", threshold=p_value),
+        ValueDrift(column="confidence", method="ks", threshold=p_value),
+        *(ValueDrift(column=f, method="ks", threshold=p_value) for f in features),
+    ]
+    with warnings.catch_warnings():  # constant pixels (image borders) make numpy warn inside the tests
+        warnings.simplefilter("ignore", RuntimeWarning)
+        snapshot = Report(metrics).run(current, ref)
+    values = [m["value"] for m in snapshot.dict()["metrics"]]
+    out = {
+        "drift_share": float(values[0]["share"]),
+        "prediction_drift": 1.0 - float(values[1]),
+        "confidence_drift": 1.0 - float(values[2]),
+    }
+    out.update({f"drift_p_value_{f}": float(v) for f, v in zip(features, values[3:])})
+    return snapshot, out
+
+
+def quality_metrics(window: Window, reference: Reference, cfg: MonitorConfig) -> tuple[dict[str, float], list[str]]:
+    """Accuracy drop on labelled rows, overall and per slice, each slice on its own rows."""
+    out: dict[str, float] = {}
+    skipped: list[str] = []
+    labelled = np.isfinite(window.labels)
+    if labelled.sum() < cfg.min_labelled_rows:
+        skipped.append(f"accuracy: {int(labelled.sum())} labelled rows < min_labelled_rows {cfg.min_labelled_rows}")
+        return out, skipped
+    pred, labels = window.predicted[labelled], window.labels[labelled].astype(int)
+    out["accuracy"] = _accuracy(pred, labels)
+    out["accuracy_drop"] = reference.accuracy - out["accuracy"]
+    worst = None
+    for name, values in window.slices.items():
+        ref_values = reference.slices.get(name)
+        for level in sorted(set(values[labelled]) - {""}):
+            rows = values[labelled] == level
+            if rows.sum() < cfg.min_slice_rows:
+                skipped.append(f"slice {name}={level}: {int(rows.sum())} labelled rows < min_slice_rows")
+                continue
+            acc = _accuracy(pred[rows], labels[rows])
+            out[f"accuracy_slice_{name}_{level}"] = acc
+            if ref_values is not None and (ref_values == level).sum() >= cfg.min_slice_rows:
+                in_ref = ref_values == level
+                drop = _accuracy(reference.predicted[in_ref], reference.labels[in_ref]) - acc
+                out[f"accuracy_drop_slice_{name}_{level}"] = drop
+                worst = drop if worst is None else max(worst, drop)
+    if worst is not None:
+        out["slice_accuracy_drop"] = worst
+    return out, skipped
+
+
+def label_free_metrics(window: Window, reference: Reference, cfg: MonitorConfig) -> tuple[dict[str, float], list[str]]:
+    out: dict[str, float] = {}
+    skipped: list[str] = []
+    out["estimated_accuracy"] = confidence_estimate(reference, window.confidence)
+    out["estimated_accuracy_drop"] = reference.accuracy - out["estimated_accuracy"]
+    shadowed = np.isfinite(window.teacher_class)
+    if reference.teacher_probabilities is None:
+        skipped.append("agreement: the reference has no teacher probabilities")
+    elif shadowed.sum() < cfg.min_labelled_rows:
+        skipped.append(f"agreement: {int(shadowed.sum())} shadow-scored rows < min_labelled_rows")
+    else:
+        out["agreement_with_teacher"] = _accuracy(window.predicted[shadowed], window.teacher_class[shadowed])
+        ref_agreement = _accuracy(reference.predicted, reference.teacher_probabilities.argmax(axis=1))
+        out["agreement_drop"] = ref_agreement - out["agreement_with_teacher"]
+    return out, skipped
+
+
+def decide(metrics: dict[str, float], cfg: MonitorConfig) -> tuple[str, list[Reason]]:
+    reasons = []
+    for signal, threshold in cfg.thresholds:
+        if signal not in metrics:
+            continue
+        value = metrics[signal]
+        assert isinstance(threshold, Threshold)
+        level = "alert" if value > threshold.alert else "warn" if value > threshold.warn else None
+        if level:
+            limit = threshold.alert if level == "alert" else threshold.warn
+            reasons.append(Reason(signal, level, round(value, 4), limit, f"{signal} = {value:.3f} > {limit:g}"))
+    status = "alert" if any(r.status == "alert" for r in reasons) else "warn" if reasons else "ok"
+    return status, reasons
+
+
+def judge(window: Window, reference: Reference, cfg: MonitorConfig) -> MonitorResult:
+    """Every signal of `window` against `reference`, and the verdict."""
+    result = MonitorResult(window.model_name, window.model_version, "ok", window=window.describe())
+    if window.rows < cfg.min_rows:
+        result.status = "insufficient"
+        result.skipped.append(f"window: {window.rows} rows < min_rows {cfg.min_rows}; no verdict")
+        return result
+    result.snapshot, drift = drift_report(window, reference, cfg.drift_p_value)
+    quality, skipped_q = quality_metrics(window, reference, cfg)
+    free, skipped_f = label_free_metrics(window, reference, cfg)
+    result.metrics = {**drift, **quality, **free}
+    result.skipped += skipped_q + skipped_f
+    result.status, result.reasons = decide(result.metrics, cfg)
+    return result
+
+
+# -- a monitor run ------------------------------------------------------------------------------
+def _record(result: MonitorResult, cfg: ExperimentConfig) -> None:
+    """The verdict and the Evidently report into an MLflow run, and the report into the workspace."""
+    import mlflow
+
+    from kd_ops.tracking import use_experiment
+
+    experiment_id = use_experiment(cfg.tracking.uri, f"{cfg.tracking.experiment}-monitor")
+    tags = {
+        "kd_ops.role": "monitor",
+        "kd_ops.monitor.model": result.model_name,
+        "kd_ops.monitor.model_version": result.model_version,
+        "kd_ops.monitor.status": result.status,
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"monitor-v{result.model_version}", tags=tags) as run:
+        mlflow.log_metrics({k: float(v) for k, v in result.metrics.items()})
+        mlflow.log_dict(result.to_json(), "monitor_result.json")
+        if result.snapshot is not None:
+            with tempfile.TemporaryDirectory(prefix="kd-ops-monitor-") as tmp:
+                result.snapshot.save_html(str(Path(tmp) / "evidently_report.html"))
+                result.snapshot.save_json(str(Path(tmp) / "evidently_snapshot.json"))
+                mlflow.log_artifacts(tmp, "evidently")
+        result.run_id = run.info.run_id
+    if cfg.monitor.workspace and result.snapshot is not None:
+        from evidently.ui.workspace import Workspace
+
+        ws = Workspace.create(cfg.monitor.workspace)
+        name = f"kd-ops {result.model_name}"
+        project = next((p for p in ws.list_projects() if p.name == name), None) or ws.create_project(name)
+        ws.add_run(project.id, result.snapshot)
+
+
+def run_monitor(
+    cfg: ExperimentConfig, window: Window | None = None, record: bool = True, notify: bool = True
+) -> MonitorResult:
+    """Read the window (unless given), judge it, record it in MLflow and Evidently, send alerts."""
+    from mlflow.tracking import MlflowClient
+
+    from kd_ops.served_model import resolve_alias
+    from monitors.alerts import Dispatcher
+
+    m = cfg.monitor
+    name = cfg.registry.name
+    if window is None:
+        # Shapes come from the champion's reference; the window then picks the version that served.
+        champion = resolve_alias(MlflowClient(cfg.tracking.uri), name, "champion")
+        shape_ref = load_reference(name, champion, cfg.tracking.uri)
+        window = load_window(
+            m.store, name, shape_ref.x.shape[1], shape_ref.probabilities.shape[1], m.window_rows, m.window_minutes
+        )
+    if window.rows == 0:
+        return MonitorResult(name, "", "insufficient", skipped=["window: no predictions in the log for this model"])
+    reference = load_reference(name, window.model_version, cfg.tracking.uri)
+    result = judge(window, reference, m)
+    if record:
+        _record(result, cfg)
+    if notify and result.reasons and m.alerts.hooks:
+        delivery = Dispatcher(m.alerts).dispatch(result.alert())
+        result.window["alert_hooks"] = {
+            "sent": delivery.sent,
+            "failed": delivery.failed,
+            "suppressed": delivery.suppressed,
+        }
+    log.info("monitor %s v%s: %s %s", name, result.model_version, result.status, json.dumps(result.metrics))
+    return result

@@ -1,0 +1,124 @@
+"""The monitor on real traffic: the distilled student's own predictions on replayed scenarios, real
+Evidently reports, the reference stored in MLflow, and a real prediction log for the end to end run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kd_ops.config import MonitorConfig
+from kd_ops.reference import ReferenceMissing, load_reference
+from kd_ops.scenarios import sample
+from monitors.monitor import confidence_estimate, judge
+from monitors.window import Window, WindowError, window_from_frame
+
+
+def _window(result, scenario: str, rows: int, seed: int = 0, split: str = "test", labelled: float = 1.0) -> Window:
+    dm = result.datamodule
+    x, y = sample(dm, scenario, rows, seed=seed, split=split)
+    with torch.inference_mode():
+        probs = torch.softmax(result.models["student"](torch.as_tensor(x)), 1).numpy()
+        teacher = result.models["teacher"](torch.as_tensor(x)).argmax(1).numpy().astype(float)
+    labels = y.astype(float)
+    labels[int(labelled * rows) :] = np.nan
+    return Window(
+        result.registered["name"],
+        result.registered["version"],
+        x,
+        probs,
+        labels,
+        teacher,
+        {"ink": dm.input_slices().compute(x)["ink"]},
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(distilled, tracking_uri):
+    _, result = distilled
+    return load_reference(result.registered["name"], result.registered["version"], tracking_uri)
+
+
+def test_clean_traffic_is_ok(distilled, reference):
+    _, result = distilled
+    out = judge(_window(result, "clean", 800, split="val"), reference, MonitorConfig())
+    assert out.status == "ok", out.reasons
+    assert out.metrics["drift_share"] < 0.3 and abs(out.metrics["accuracy_drop"]) < 0.03
+    assert abs(out.metrics["estimated_accuracy_drop"]) < 0.03 and abs(out.metrics["agreement_drop"]) < 0.03
+    assert out.snapshot is not None
+
+
+def test_noise_raises_an_alert_naming_the_signals(distilled, reference):
+    _, result = distilled
+    out = judge(_window(result, "noise", 800), reference, MonitorConfig())
+    assert out.status == "alert"
+    signals = {r.signal for r in out.reasons if r.status == "alert"}
+    assert "drift_share" in signals and out.metrics["drift_share"] > 0.5
+    assert "accuracy_drop" in signals  # labels arrived: the decay itself is measured
+    reason = next(r for r in out.reasons if r.signal == "drift_share")
+    assert reason.threshold == 0.5 and "drift_share" in reason.message
+
+
+def test_one_slice_decays_while_the_others_hold(distilled, reference):
+    _, result = distilled
+    out = judge(_window(result, "slice_noise", 1200), reference, MonitorConfig())
+    low, high = out.metrics["accuracy_drop_slice_ink_low"], out.metrics["accuracy_drop_slice_ink_high"]
+    assert low > high + 0.1  # each slice is scored on its own rows (Evidently's GroupBy would not tell)
+    assert out.metrics["slice_accuracy_drop"] == pytest.approx(low)
+    assert out.metrics["slice_accuracy_drop"] > out.metrics["accuracy_drop"]  # the average hides it
+
+
+def test_label_free_estimate_follows_accuracy_without_labels(distilled, reference):
+    _, result = distilled
+    clean = judge(_window(result, "clean", 800, split="val", labelled=0.0), reference, MonitorConfig())
+    noisy = judge(_window(result, "noise", 800, labelled=0.0), reference, MonitorConfig())
+    assert "accuracy" not in clean.metrics and any("labelled rows" in s for s in clean.skipped)
+    assert noisy.metrics["estimated_accuracy"] < clean.metrics["estimated_accuracy"]
+    assert confidence_estimate(reference, reference.confidence) == pytest.approx(reference.accuracy, abs=1e-6)
+
+
+def test_a_small_window_says_so(distilled, reference):
+    _, result = distilled
+    out = judge(_window(result, "noise", 50), reference, MonitorConfig())
+    assert out.status == "insufficient" and out.reasons == [] and "50 rows < min_rows 200" in out.skipped[0]
+
+
+def _frame(rows: int = 3, width: int = 64) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "id": [f"p{i}" for i in range(rows)],
+            "created_at": pd.Timestamp("2026-01-01"),
+            "model_version": "1",
+            "inputs": [[0.0] * width for _ in range(rows)],
+            "probabilities": [[0.1] * 10 for _ in range(rows)],
+            "predicted_class": 0,
+            "confidence": 0.1,
+        }
+    )
+
+
+def test_bad_windows_are_named():
+    assert window_from_frame(_frame(), "m", 64, 10).rows == 3
+    with pytest.raises(WindowError, match="lacks column\\(s\\) probabilities"):
+        window_from_frame(_frame().drop(columns="probabilities"), "m", 64, 10)
+    extra = _frame()
+    extra.at[1, "inputs"] = [0.0] * 65
+    with pytest.raises(WindowError, match="row 1 has 65 values where the reference has 64 \\(extra columns\\)"):
+        window_from_frame(extra, "m", 64, 10)
+    with pytest.raises(WindowError, match="missing columns"):
+        window_from_frame(_frame(width=60), "m", 64, 10)
+    wrong = _frame()
+    wrong["inputs"] = "not a list"
+    with pytest.raises(WindowError, match="column 'inputs': row 0 holds str"):
+        window_from_frame(wrong, "m", 64, 10)
+    labels = _frame()
+    labels["label"] = ["3", "x", "1"]
+    with pytest.raises(WindowError, match="column 'label'"):
+        window_from_frame(labels, "m", 64, 10)
+    assert window_from_frame(_frame(0), "m", 64, 10).rows == 0
+
+
+def test_a_version_without_reference_is_refused(tracking_uri):
+    with pytest.raises(ReferenceMissing):
+        load_reference("test-student", "999", tracking_uri)
