@@ -40,7 +40,7 @@ def main(path: str, n: int) -> None:
     out = []
     for i in range(n):
         win = frame(data[f"win_{i}"])
-        est = estimator.estimate(win).to_df()
+        est = estimator.estimate(win).filter(period="analysis").to_df()
         out.append(float(est[("accuracy", "value")].iloc[0]))
     print(json.dumps(out))
 

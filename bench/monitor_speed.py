@@ -5,8 +5,8 @@ logistic-regression student fitted on the training split; the reference is the v
 split), times, in interleaved repeats after one warm-up:
 
   monitor      `monitors.monitor.judge`: the Evidently drift report (per-feature K-S, share,
-               predicted-class chi-square, confidence K-S) + per-slice accuracy on labelled rows
-               + the label-free estimates
+               predicted-class and slice-share PSI, confidence K-S) + per-slice accuracy on
+               labelled rows + the label-free estimates
   same metrics a bare `Report` with exactly the Evidently metrics the monitor asks for: the cost of
                kd-ops around Evidently
   preset       a bare `Report([DataDriftPreset()])` on the same columns: what a user would run by hand
@@ -68,12 +68,15 @@ def main() -> None:
         dm.input_slices().compute(x_ref),
     )
     features = [f"f{i}" for i in range(x_ref.shape[1])]
-    definition = DataDefinition(numerical_columns=[*features, "confidence"], categorical_columns=["predicted"])
+    definition = DataDefinition(
+        numerical_columns=[*features, "confidence"], categorical_columns=["predicted", "slice_ink"]
+    )
     p = MonitorConfig().drift_p_value
     same_metrics = [
         DriftedColumnsCount(columns=features, num_method="ks", num_threshold=p),
-        ValueDrift(column="predicted", method="chisquare", threshold=p),
+        ValueDrift(column="predicted", method="psi", threshold=0.1),
         ValueDrift(column="confidence", method="ks", threshold=p),
+        ValueDrift(column="slice_ink", method="psi", threshold=0.1),
         *(ValueDrift(column=f, method="ks", threshold=p) for f in features),
     ]
 
@@ -82,7 +85,8 @@ def main() -> None:
         x, y = sample(dm, "noise", n, seed=1)
         probs = student.predict_proba(x).astype(np.float32)
         window = Window("m", "1", x, probs, y.astype(float), np.full(n, np.nan), dm.input_slices().compute(x))
-        current_df, ref_df = _frame(x, probs), _frame(ref.x, ref.probabilities)
+        current_df = _frame(x, probs, window.slices)
+        ref_df = _frame(ref.x, ref.probabilities, ref.slices)
 
         def monitor():
             return judge(window, ref, MonitorConfig())

@@ -212,8 +212,9 @@ def _threshold(warn: float, alert: float, what: str) -> Any:
 
 class MonitorThresholds(_Section):
     drift_share: Threshold = _threshold(0.3, 0.5, "share of input features whose distribution drifted")
-    prediction_drift: Threshold = _threshold(0.99, 0.999, "1 - p-value of the predicted-class drift test")
+    prediction_drift: Threshold = _threshold(0.1, 0.25, "PSI of the predicted class against the reference")
     confidence_drift: Threshold = _threshold(0.99, 0.999, "1 - p-value of the confidence drift test")
+    slice_drift: Threshold = _threshold(0.1, 0.25, "PSI of the share of traffic per input slice, worst slice")
     accuracy_drop: Threshold = _threshold(0.03, 0.06, "reference accuracy minus accuracy on labelled rows")
     slice_accuracy_drop: Threshold = _threshold(0.06, 0.12, "the same, worst slice")
     estimated_accuracy_drop: Threshold = _threshold(0.03, 0.06, "reference accuracy minus the label-free estimate")

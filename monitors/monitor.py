@@ -2,10 +2,11 @@
 
 Signals, each compared with the reference stored when the student was distilled:
   data drift        share of input features whose distribution drifted (Evidently, per feature)
-  prediction drift  of the predicted class and of the confidence (Evidently ValueDrift)
-  accuracy          on rows whose feedback label arrived, overall and per slice; each slice is
-                    scored on its own rows (Evidently's GroupBy returns the overall value for
-                    every group with classification metrics)
+  prediction drift  of the predicted class (PSI) and of the confidence (K-S), Evidently ValueDrift
+  slice drift       PSI of the share of traffic in each input slice (a slice that empties or swells)
+  accuracy          Evidently's Accuracy on rows whose feedback label arrived, overall and per
+                    slice; each slice is its own report on its own rows (Evidently's GroupBy
+                    returns the overall value for every group with classification metrics)
   label-free        agreement with the shadow teacher where it scored, and accuracy estimated
                     from confidence, calibrated on the reference (isotonic regression)
 A window with fewer than `min_rows` rows says so (status "insufficient") instead of guessing;
@@ -31,6 +32,7 @@ from monitors.alerts import Alert, Reason
 from monitors.window import Window, load_window
 
 log = logging.getLogger(__name__)
+PSI_THRESHOLD = 0.1  # Evidently's own drift flag for PSI (the decision uses monitor.thresholds)
 
 
 @dataclass
@@ -69,11 +71,31 @@ def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     return float((pred == labels).mean())
 
 
+def evidently_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy by Evidently's `Accuracy` metric, on exactly these rows (so a slice is its own report:
+    `GroupBy` would return the overall value for every group)."""
+    from evidently import DataDefinition, Dataset, MulticlassClassification, Report
+    from evidently.metrics import Accuracy
+
+    # Integer classes and no label map: Evidently 0.7.23 raises KeyError on a slice that lacks some
+    # class when given string labels or a `labels` map.
+    df = pd.DataFrame({"target": np.asarray(labels).astype(int), "prediction": np.asarray(pred).astype(int)})
+    definition = DataDefinition(
+        classification=[MulticlassClassification(target="target", prediction_labels="prediction")]
+    )
+    with warnings.catch_warnings():  # a one-class slice makes scikit-learn warn about the matrix shape
+        warnings.simplefilter("ignore")
+        snapshot = Report([Accuracy()]).run(Dataset.from_pandas(df, data_definition=definition), None)
+    return float(snapshot.dict()["metrics"][0]["value"])
+
+
 # -- Evidently ------------------------------------------------------------------------------------
-def _frame(x: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+def _frame(x: np.ndarray, probs: np.ndarray, slices: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
     df = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
     df["predicted"] = probs.argmax(axis=1).astype(str)
     df["confidence"] = probs.max(axis=1)
+    for name, values in (slices or {}).items():
+        df[f"slice_{name}"] = np.asarray(values, dtype=str)
     return df
 
 
@@ -83,14 +105,25 @@ def drift_report(window: Window, reference: Reference, p_value: float) -> tuple[
     from evidently.metrics import DriftedColumnsCount, ValueDrift
 
     features = [f"f{i}" for i in range(window.x.shape[1])]
-    definition = DataDefinition(numerical_columns=[*features, "confidence"], categorical_columns=["predicted"])
-    current = Dataset.from_pandas(_frame(window.x, window.probabilities), data_definition=definition)
-    ref = Dataset.from_pandas(_frame(reference.x, reference.probabilities), data_definition=definition)
+    # Slices the server computed from the rows (ink): a slice that grows or shrinks is drift too,
+    # the one a corruption of one slice only shows first (its rows leave the slice).
+    shared = sorted(set(window.slices) & set(reference.slices))
+    slice_cols = [f"slice_{n}" for n in shared]
+    definition = DataDefinition(
+        numerical_columns=[*features, "confidence"], categorical_columns=["predicted", *slice_cols]
+    )
+    cur_df = _frame(window.x, window.probabilities, {n: window.slices[n] for n in shared})
+    ref_df = _frame(reference.x, reference.probabilities, {n: reference.slices[n] for n in shared})
+    current = Dataset.from_pandas(cur_df, data_definition=definition)
+    ref = Dataset.from_pandas(ref_df, data_definition=definition)
     # Tests named explicitly: Evidently's defaults switch to distances (not p-values) on large data.
     metrics = [
         DriftedColumnsCount(columns=features, num_method="ks", num_threshold=p_value),
-        ValueDrift(column="predicted", method="chisquare", threshold=p_value),
+        # Categorical shares by PSI, a distance: a goodness-of-fit test would treat the reference's
+        # few hundred rows as the exact population and alarm on their sampling noise.
+        ValueDrift(column="predicted", method="psi", threshold=PSI_THRESHOLD),
         ValueDrift(column="confidence", method="ks", threshold=p_value),
+        *(ValueDrift(column=c, method="psi", threshold=PSI_THRESHOLD) for c in slice_cols),
         *(ValueDrift(column=f, method="ks", threshold=p_value) for f in features),
     ]
     with warnings.catch_warnings():  # constant pixels (image borders) make numpy warn inside the tests
@@ -99,10 +132,14 @@ def drift_report(window: Window, reference: Reference, p_value: float) -> tuple[
     values = [m["value"] for m in snapshot.dict()["metrics"]]
     out = {
         "drift_share": float(values[0]["share"]),
-        "prediction_drift": 1.0 - float(values[1]),
+        "prediction_drift": float(values[1]),
         "confidence_drift": 1.0 - float(values[2]),
     }
-    out.update({f"drift_p_value_{f}": float(v) for f, v in zip(features, values[3:])})
+    slice_psi = values[3 : 3 + len(slice_cols)]
+    if slice_cols:
+        out["slice_drift"] = float(max(slice_psi))
+        out.update({f"slice_drift_psi_{c.removeprefix('slice_')}": float(v) for c, v in zip(slice_cols, slice_psi)})
+    out.update({f"drift_p_value_{f}": float(v) for f, v in zip(features, values[3 + len(slice_cols) :])})
     return snapshot, out
 
 
@@ -115,7 +152,7 @@ def quality_metrics(window: Window, reference: Reference, cfg: MonitorConfig) ->
         skipped.append(f"accuracy: {int(labelled.sum())} labelled rows < min_labelled_rows {cfg.min_labelled_rows}")
         return out, skipped
     pred, labels = window.predicted[labelled], window.labels[labelled].astype(int)
-    out["accuracy"] = _accuracy(pred, labels)
+    out["accuracy"] = evidently_accuracy(pred, labels)
     out["accuracy_drop"] = reference.accuracy - out["accuracy"]
     worst = None
     for name, values in window.slices.items():
@@ -125,7 +162,7 @@ def quality_metrics(window: Window, reference: Reference, cfg: MonitorConfig) ->
             if rows.sum() < cfg.min_slice_rows:
                 skipped.append(f"slice {name}={level}: {int(rows.sum())} labelled rows < min_slice_rows")
                 continue
-            acc = _accuracy(pred[rows], labels[rows])
+            acc = evidently_accuracy(pred[rows], labels[rows])
             out[f"accuracy_slice_{name}_{level}"] = acc
             if ref_values is not None and (ref_values == level).sum() >= cfg.min_slice_rows:
                 in_ref = ref_values == level

@@ -11,7 +11,7 @@ import torch
 from kd_ops.config import MonitorConfig
 from kd_ops.reference import ReferenceMissing, load_reference
 from kd_ops.scenarios import sample
-from monitors.monitor import confidence_estimate, judge
+from monitors.monitor import confidence_estimate, evidently_accuracy, judge
 from monitors.window import Window, WindowError, window_from_frame
 
 
@@ -67,6 +67,7 @@ def test_one_slice_decays_while_the_others_hold(distilled, reference):
     assert low > high + 0.1  # each slice is scored on its own rows (Evidently's GroupBy would not tell)
     assert out.metrics["slice_accuracy_drop"] == pytest.approx(low)
     assert out.metrics["slice_accuracy_drop"] > out.metrics["accuracy_drop"]  # the average hides it
+    assert out.metrics["slice_drift"] > 0.25  # noisy thin strokes leave the low-ink slice: its share drifts
 
 
 def test_label_free_estimate_follows_accuracy_without_labels(distilled, reference):
@@ -122,3 +123,11 @@ def test_bad_windows_are_named():
 def test_a_version_without_reference_is_refused(tracking_uri):
     with pytest.raises(ReferenceMissing):
         load_reference("test-student", "999", tracking_uri)
+
+
+def test_evidently_accuracy_is_computed_on_the_rows_given():
+    pred = np.array([0, 1, 2, 2, 1, 0])
+    labels = np.array([0, 1, 1, 2, 0, 0])
+    assert evidently_accuracy(pred, labels) == pytest.approx(4 / 6)
+    assert evidently_accuracy(pred[:2], labels[:2]) == 1.0  # a slice: its own rows only
+    assert evidently_accuracy(np.array([2, 2]), np.array([2, 1])) == 0.5  # classes missing from the slice
