@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import warnings
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from kd_ops import __version__
 
@@ -72,6 +72,23 @@ def _config(args: argparse.Namespace):
         return None
 
 
+def _run_quietly(work: Callable[[], Any], errors: tuple[type[Exception], ...] | None = None) -> Any:
+    """`work()` with whatever libraries print sent to stderr, so stdout holds only the command's own
+    output. A user error (`errors`, by default `_user_errors()`) is one line on stderr and gives None."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return work()
+    except errors or _user_errors() as exc:
+        print(f"kd-ops: {exc}", file=sys.stderr)
+        return None
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from kd_ops.config import ConfigError
 
@@ -84,18 +101,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     _quiet_libraries(args.verbose)
 
-    real_stdout = sys.stdout
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            result = run_distillation(cfg)
-    except ConfigError as exc:  # problems only visible once data or a teacher URI is loaded
-        print(f"kd-ops: {exc}", file=sys.stderr)
+    # Config errors only visible once data or a teacher URI is loaded are one line too.
+    result = _run_quietly(lambda: run_distillation(cfg), errors=(ConfigError,))
+    if result is None:
         return EXIT_CONFIG
-
     if args.json:
-        json.dump(result.to_json(), real_stdout)
-        real_stdout.write("\n")
-        real_stdout.flush()
+        _print_json(result.to_json())
         return 0
     reg = result.registered
     gates = ", ".join(f"{g['gate']} {'pass' if g['passed'] else 'FAIL'}" for g in result.gates) or "none configured"
@@ -142,16 +153,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _quiet_libraries(args.verbose)
     mlflow.set_tracking_uri(cfg.tracking.uri)  # where models:/ and runs:/ URIs resolve
     edge = ("onnx", "onnx_int8") if args.edge else ()
-    real_stdout = sys.stdout
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            result = evaluate_model(args.model_uri, cfg, args.split, args.teacher, edge, args.log)
-    except _user_errors() as exc:
-        print(f"kd-ops: {exc}", file=sys.stderr)
+    result = _run_quietly(lambda: evaluate_model(args.model_uri, cfg, args.split, args.teacher, edge, args.log))
+    if result is None:
         return EXIT_CONFIG
     if args.json:
-        json.dump(result.to_json(), real_stdout)
-        real_stdout.write("\n")
+        _print_json(result.to_json())
         return 0
     print(summary_table(result.metrics, prefix=args.split))
     if result.run_id:
@@ -233,16 +239,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from monitors.monitor import run_monitor
 
     _quiet_libraries(args.verbose)
-    real_stdout = sys.stdout
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            result = run_monitor(cfg, record=not args.no_record, notify=not args.no_alerts)
-    except _user_errors() as exc:
-        print(f"kd-ops: {exc}", file=sys.stderr)
+    result = _run_quietly(lambda: run_monitor(cfg, record=not args.no_record, notify=not args.no_alerts))
+    if result is None:
         return EXIT_CONFIG
     if args.json:
-        json.dump(result.to_json(), real_stdout)
-        real_stdout.write("\n")
+        _print_json(result.to_json())
         return 0
     w = result.window
     print(

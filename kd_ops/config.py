@@ -22,6 +22,12 @@ class ConfigError(ValueError):
     """A config problem a user can fix; `str()` is the whole message to show them."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's message: enough to say what failed, not a page of internals."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

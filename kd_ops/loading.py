@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from kd_ops.config import ConfigError
+from kd_ops.config import ConfigError, first_line
 from kd_ops.models import freeze
 
 
@@ -59,12 +59,6 @@ def load_model(uri: str) -> Any:
     raise ConfigError(f"model {uri!r} has flavors {sorted(flavors)}; kd-ops reads pytorch and sklearn models")
 
 
-def _short(exc: Exception) -> str:
-    """The first line of a library's message: enough to say what failed, not a page of internals."""
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
-
-
 def _probe(model: Any, rows: np.ndarray) -> np.ndarray:
     if isinstance(model, nn.Module):
         with torch.inference_mode():
@@ -83,13 +77,13 @@ def load_for_data(uri: str, dm: Any, key: str, torch_only: bool = False) -> Any:
         raise
     except Exception as exc:  # MLflow raises several types for a URI that does not resolve
         kind = "a PyTorch model" if torch_only else "a model"
-        raise ConfigError(f"{key} = {uri!r}: cannot load it as {kind}: {_short(exc)}") from None
+        raise ConfigError(f"{key} = {uri!r}: cannot load it as {kind}: {first_line(exc)}") from None
     try:
         out = _probe(model, dm.arrays("val")[0][:2])
     except Exception as exc:
         raise ConfigError(
             f"{key} = {uri!r}: the model does not accept rows of {dm.n_features} features "
-            f"from data.name = {dm.cfg.name!r}: {_short(exc)}"
+            f"from data.name = {dm.cfg.name!r}: {first_line(exc)}"
         ) from None
     if out.ndim != 2 or out.shape[1] != dm.n_classes:
         raise ConfigError(

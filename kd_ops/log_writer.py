@@ -28,11 +28,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from kd_ops.config import first_line
 from kd_ops.prediction_log import (
     CLOSE,
     decode_frames,
     encode,
-    first_line,
     metadata,
     open_store,
     prediction_rows,

@@ -76,11 +76,6 @@ shadow = sa.Table(
 )
 
 
-def first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
-
-
 class LogError(RuntimeError):
     """The store refused a write; the rows of that write are not stored."""
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_ops.config import ConfigError
+from kd_ops.config import ConfigError, first_line
 from kd_ops.prediction_log import utcnow
 from kd_ops.slicing import SLICES_ARTIFACT, InputSlices
 from kd_ops.tracking import TAG_TEACHER_URI
@@ -121,8 +121,6 @@ def _slicer(client: Any, run_id: str | None) -> InputSlices | None:
 
 def load_version(client: Any, name: str, version: str, alias: str) -> ServedModel:
     """Load version `version` of `name`, probe it with one row, and read what the server needs."""
-    from kd_ops.loading import _short
-
     uri = f"models:/{name}/{version}"
     try:
         mv = client.get_model_version(name, version)
@@ -131,13 +129,13 @@ def load_version(client: Any, name: str, version: str, alias: str) -> ServedMode
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - MLflow, torch and skops raise many types
-        raise ConfigError(f"{uri}: cannot load it for serving: {_short(exc)}") from None
+        raise ConfigError(f"{uri}: cannot load it for serving: {first_line(exc)}") from None
     if n_features is None:
         raise ConfigError(f"{uri}: the model has no input signature, so the feature count is unknown")
     try:
         out = predict_proba(np.zeros((1, n_features), dtype=np.float32))
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"{uri}: the model fails on a row of {n_features} features: {_short(exc)}") from None
+        raise ConfigError(f"{uri}: the model fails on a row of {n_features} features: {first_line(exc)}") from None
     if out.ndim != 2 or out.shape[0] != 1:
         raise ConfigError(f"{uri}: the model outputs shape {tuple(out.shape)} for one row, expected (1, classes)")
     return ServedModel(

@@ -26,7 +26,7 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, TypeAdapter, ValidationError
 
-from kd_ops.config import ConfigError
+from kd_ops.config import ConfigError, first_line
 from kd_ops.prediction_log import (
     DEFAULT_STORE,
     LogError,
@@ -34,7 +34,6 @@ from kd_ops.prediction_log import (
     UnknownPredictions,
     feedback,
     feedback_rows,
-    first_line,
     new_id,
     prediction_batch,
     predictions,
@@ -357,14 +356,7 @@ def create_app(state: ServerState) -> FastAPI:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return _json_response({"detail": exc.message, "field": exc.field, "errors": exc.errors}, exc.status, headers)
 
-    predict_schema = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
-        }
-    }
-
-    @app.post("/predict", openapi_extra=predict_schema)
+    @app.post("/predict", openapi_extra=_body_schema(PredictRequest))
     async def predict(request: Request) -> Response:
         """Class, probabilities, prediction id and model version per row; logged before answering."""
         req = _parse(_PREDICT, await _read_body(request, s.max_body_bytes))
@@ -400,14 +392,7 @@ def create_app(state: ServerState) -> FastAPI:
             }
         )
 
-    feedback_schema = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}},
-        }
-    }
-
-    @app.post("/feedback", openapi_extra=feedback_schema)
+    @app.post("/feedback", openapi_extra=_body_schema(FeedbackRequest))
     async def post_feedback(request: Request) -> Response:
         """True labels for earlier predictions (Authorization: Bearer TOKEN); all stored or none."""
         body = await _read_body(request, s.max_body_bytes)  # read first: a 401 then reaches the client

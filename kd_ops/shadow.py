@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from kd_ops.prediction_log import PredictionLog, first_line, shadow, utcnow
+from kd_ops.config import first_line
+from kd_ops.prediction_log import PredictionLog, shadow, utcnow
 from kd_ops.served_model import Proba, load_probability_fn
 
 log = logging.getLogger(__name__)

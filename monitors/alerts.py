@@ -26,7 +26,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
-from kd_ops.config import AlertsConfig, CommandHook, ConfigError, EntryPointHook, WebhookHook
+from kd_ops.config import AlertsConfig, CommandHook, ConfigError, EntryPointHook, WebhookHook, first_line
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class Dispatcher:
                     hook.send(out.alert)
                     out.sent.append(hook.name)
                 except Exception as exc:  # noqa: BLE001 - one hook never stops the others
-                    out.failed[hook.name] = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                    out.failed[hook.name] = first_line(exc)
                     log.error("alert hook %s failed: %s", hook.name, out.failed[hook.name])
             if out.sent or not self.hooks:  # nobody reached: try again at the next window
                 for reason in fresh:

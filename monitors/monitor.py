@@ -265,6 +265,7 @@ def run_monitor(
 
     m = cfg.monitor
     name = cfg.registry.name
+    shape_ref, champion = None, None
     if window is None:
         # Shapes come from the champion's reference; the window then picks the version that served.
         champion = resolve_alias(MlflowClient(cfg.tracking.uri), name, "champion")
@@ -274,7 +275,10 @@ def run_monitor(
         )
     if window.rows == 0:
         return MonitorResult(name, "", "insufficient", skipped=["window: no predictions in the log for this model"])
-    reference = load_reference(name, window.model_version, cfg.tracking.uri)
+    if shape_ref is not None and window.model_version == champion:
+        reference = shape_ref  # the usual case: the champion served the window; download it once
+    else:
+        reference = load_reference(name, window.model_version, cfg.tracking.uri)
     result = judge(window, reference, m)
     if record:
         _record(result, cfg)
