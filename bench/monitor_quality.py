@@ -33,10 +33,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import yaml
+from shared import RESULTS, ROOT, digits_recipe, save_results  # bench/shared.py (bench/ is on sys.path when run)
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 SCENARIOS = ("noise", "shift", "contrast", "prior_shift", "slice_noise")
 
 
@@ -44,15 +42,7 @@ def distil(seed: int, root: Path):
     from kd_ops.config import config_from_dict
     from kd_ops.pipeline import run_distillation
 
-    raw = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
-    raw["seed"] = seed
-    raw["teacher"]["epochs"] = 10
-    raw["student"].update(epochs=20, min_steps=400)
-    raw["evaluation"] = {"edge": [], "latency_repeats": 5, "throughput_repeats": 1}
-    raw["gates"] = {}
-    raw["train"] = {"progress_bar": False}
-    raw["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "monitor-quality"}
-    raw["registry"] = {"name": f"mq-{seed}"}
+    raw = digits_recipe(root, f"mq-{seed}", seed, teacher_epochs=10, student_epochs=20, min_steps=400)
     return run_distillation(config_from_dict(raw, "monitor-quality"))
 
 
@@ -194,9 +184,7 @@ def main() -> None:
         lines.append(f"| {name} | {ms([s['estimate_mae'][name] for s in per_seed])} |")
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.md").write_text(text + "\n")
-    Path(f"{args.out}.json").write_text(json.dumps({"args": vars(args), "seeds": per_seed}, indent=1, default=str))
+    save_results(args.out, text, {"args": vars(args), "seeds": per_seed})
 
 
 if __name__ == "__main__":

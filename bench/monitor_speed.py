@@ -20,18 +20,14 @@ Writes `bench/results/monitor_speed.json` and `.md`; target: monitor / preset at
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+from shared import RESULTS, save_results  # bench/shared.py (bench/ is on sys.path when run)
 
 
 def main() -> None:
@@ -139,9 +135,7 @@ def main() -> None:
     lines += ["", f"- worst monitor / preset ratio: {worst:.2f} (target: at most 1.2)"]
     text = "\n".join(lines)
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.md").write_text(text + "\n")
-    Path(f"{args.out}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    save_results(args.out, text, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -41,10 +41,8 @@ from pathlib import Path
 
 import numpy as np
 import requests
-import yaml
+from shared import RESULTS, digits_recipe, save_results  # bench/shared.py (bench/ is on sys.path when run)
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 VARIANTS = ("kd-ops, log on", "kd-ops, log off", "mlflow models serve")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -54,14 +52,7 @@ def distil_student(root: Path) -> tuple[str, str, str, np.ndarray]:
     from kd_ops.config import config_from_dict
     from kd_ops.pipeline import run_distillation
 
-    raw = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
-    raw["teacher"]["epochs"] = 2
-    raw["student"].update(epochs=3, min_steps=0)
-    raw["evaluation"] = {"edge": [], "latency_repeats": 10, "throughput_repeats": 1}
-    raw["gates"] = {}
-    raw["train"] = {"progress_bar": False}
-    raw["tracking"] = {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "serve-load"}
-    raw["registry"] = {"name": "bench-serve"}
+    raw = digits_recipe(root, "bench-serve")
     result = run_distillation(config_from_dict(raw, "serve-load"))
     x, _ = result.datamodule.arrays("test")
     return raw["tracking"]["uri"], "bench-serve", result.registered["version"], x
@@ -245,9 +236,7 @@ def main() -> None:
         args.log_complete = complete
     text = report(results, args)
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.md").write_text(text + "\n")
-    Path(f"{args.out}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    save_results(args.out, text, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":
