@@ -1,5 +1,5 @@
 # The two commands of README's set-up; each creates or refreshes the project venv first.
-#   make demo   distil teacher -> student on the bundled data, tracked in ./mlflow.db
+#   make demo   the whole loop on the bundled data: distil, serve, drift, alert, redistill, promote
 #   make test   the whole test suite (what CI runs)
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -27,8 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/kd-ops distill examples/digits.yaml
-	$(BIN)/kd-ops distill examples/mnist5k.yaml
+	$(BIN)/kd-ops demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -11,8 +11,8 @@ on `--shadowed` of them:
                 number of drifted windows seen until the first alert (1 = at once)
 
 Label-free accuracy estimates are scored against the true accuracy of every window (all labels
-are known to the bench): the monitor's confidence estimate (isotonic, calibrated on the
-reference), the shadow-teacher estimate (reference accuracy minus the drop in agreement), and,
+are known to the bench): the monitor's confidence estimate (ATC: a confidence threshold set on
+the reference), the shadow-teacher estimate (reference accuracy minus the drop in agreement), and,
 with `--cbpe-python`, NannyML's CBPE run in that interpreter (its own environment:
 `bench/cbpe_worker.py`). Results: mean ± std over seeds, in `bench/results/monitor_quality.md`.
 
@@ -125,6 +125,7 @@ def main() -> None:
             runs["no drift"] = {
                 "false_alarm_rate": float(np.mean([o.status == "alert" for o in clean])),
                 "warn_rate": float(np.mean([o.status == "warn" for o in clean])),
+                "signals": sorted({r.signal for o in clean for r in o.reasons if r.status == "alert"}),
             }
             for j, scenario in enumerate(SCENARIOS):
                 lead = [judged("clean", 100 * (j + 1) + k) for k in range(args.lead)]
@@ -166,7 +167,8 @@ def main() -> None:
     ]
     nd = [s["runs"]["no drift"] for s in per_seed]
     false_alarms, warns = ms([r["false_alarm_rate"] for r in nd]), ms([r["warn_rate"] for r in nd])
-    lines.append(f"| no drift | - | - | {false_alarms} (warn {warns}) | - |")
+    clean_signals = ", ".join(sorted({sig for r in nd for sig in r["signals"]})) or "-"
+    lines.append(f"| no drift | - | - | {false_alarms} (warn {warns}) | {clean_signals} |")
     for scenario in SCENARIOS:
         rs = [s["runs"][scenario] for s in per_seed]
         signals = sorted({sig for r in rs for sig in r["signals"]})

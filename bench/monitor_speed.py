@@ -107,8 +107,9 @@ def main() -> None:
         result = monitor()
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            result.snapshot.save_html(os.path.join(tmp, "r.html"))
-            result.snapshot.save_json(os.path.join(tmp, "r.json"))
+            for kind, snapshot in result.snapshots.items():
+                snapshot.save_html(os.path.join(tmp, f"{kind}.html"))
+                snapshot.save_json(os.path.join(tmp, f"{kind}.json"))
             record_s = time.perf_counter() - t0
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append({"rows": n, **{f"{k}_s": v for k, v in med.items()}, "record_s": record_s})

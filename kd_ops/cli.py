@@ -262,6 +262,67 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_redistill(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg is None:
+        return EXIT_CONFIG
+    from kd_ops.redistill import last_redistillation, run_redistillation
+
+    _quiet_libraries(args.verbose)
+    if not args.ignore_cooldown:
+        recent = _run_quietly(lambda: last_redistillation(cfg) or "")
+        if recent is None:
+            return EXIT_CONFIG
+        if recent:
+            print(f"kd-ops: not re-distilling: {recent} (--ignore-cooldown to go ahead)", file=sys.stderr)
+            return EXIT_CONFIG
+    result = _run_quietly(lambda: run_redistillation(cfg, trigger="kd-ops redistill"))
+    if result is None:
+        return EXIT_CONFIG
+    if args.json:
+        _print_json(result.to_json())
+        return 0
+    print(result.reason)
+    rows = result.rows
+    print(
+        f"  transfer set: training data + {rows['production_rows'] - rows['holdout_rows']} production rows"
+        f" ({rows['feedback_labels']} feedback labels, the rest labelled by the teacher);"
+        f" {rows['holdout_rows']} held out to gate on"
+    )
+    for part, values in result.accuracy.items():
+        print(f"  {part:<10} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg is None:
+        return EXIT_CONFIG
+    overrides = list(args.set or []) + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
+    from flows.deploy import deployments, serve
+
+    built = _run_quietly(lambda: deployments(args.config, overrides))
+    if built is None:
+        return EXIT_CONFIG
+    for d in built:
+        when = [str(s.schedule) for s in d.schedules] + [f"on {t.name}" for t in d.triggers]
+        print(f"serving {d.flow_name}/{d.name}: " + ", ".join(when), file=sys.stderr)
+    print("Ctrl-C or SIGTERM stops; runs due meanwhile wait for the next `kd-ops deploy`", file=sys.stderr)
+    serve(args.config, overrides)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+    from flows.processes import ServiceError
+
+    try:
+        return run_demo(args.config, args.dir, args.scenario, keep_servers=args.keep_servers)
+    except (*_user_errors(), ServiceError, TimeoutError, RuntimeError) as exc:
+        print(f"kd-ops demo: {exc}\n(the logs of its servers are in {args.dir})", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-ops", description="Knowledge distillation as a production loop.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -334,6 +395,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("redistill", help="distil a new student on teacher-labelled recent traffic; promote if better")
+    p.add_argument("config", help="experiment YAML (its registry, monitor.store and redistill sections apply)")
+    p.add_argument("--ignore-cooldown", action="store_true", help="run even within redistill.cooldown_minutes")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_redistill)
+
+    p = sub.add_parser("deploy", help="serve the Prefect deployments: scheduled monitor, redistill on drift and weekly")
+    p.add_argument("config", help="experiment YAML (monitor.cron/interval_minutes and redistill.* apply)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("demo", help="the whole loop on bundled data: distil, serve, drift, alert, redistill, promote")
+    p.add_argument("--config", default="examples/loop.yaml", help="experiment YAML (default examples/loop.yaml)")
+    p.add_argument("--dir", default=".kd-ops/demo", help="where the demo keeps MLflow, Prefect, the log and reports")
+    p.add_argument("--scenario", default="shift", help="the drift to replay (default shift)")
+    p.add_argument("--keep-servers", action="store_true", help="leave the Prefect server running at the end")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -29,7 +29,7 @@ def _param_errors(schema: type[BaseModel], params: dict[str, Any], key: str, wha
 
 
 def check_components(cfg: ExperimentConfig, source: str) -> None:
-    from kd_ops.data import DATASETS
+    from kd_ops.data import CORRUPTIONS, DATASETS
     from kd_ops.losses import LOSSES, STRATEGIES, method_names
     from kd_ops.models import MODELS
     from kd_ops.strategies import STRATEGY_PARAMS
@@ -44,6 +44,10 @@ def check_components(cfg: ExperimentConfig, source: str) -> None:
             return None
 
     raw = lookup(DATASETS, "data.name", cfg.data.name)
+    for i, section in enumerate([cfg.teacher, *cfg.teachers]):
+        key = "teacher" if i == 0 else f"teachers.{i - 1}"
+        for j, kind in enumerate(section.augment):
+            lookup(CORRUPTIONS, f"{key}.augment.{j}", kind)
 
     method = cfg.distill.method
     if method in STRATEGIES:

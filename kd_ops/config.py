@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -55,6 +55,10 @@ class ModelSection(_Section):
 class TeacherConfig(ModelSection):
     model: str = "cnn"
     uri: str | None = Field(None, description="an existing MLflow model URI used instead of training a teacher")
+    augment: list[str] = Field(
+        default_factory=list, description="corruptions (noise, shift, contrast) a trained teacher learns to read"
+    )
+    augment_share: float = Field(0.5, gt=0, le=1, description="share of each batch that gets a corruption")
 
 
 class StudentConfig(ModelSection):
@@ -218,9 +222,10 @@ def _threshold(warn: float, alert: float, what: str) -> Any:
 
 class MonitorThresholds(_Section):
     drift_share: Threshold = _threshold(0.3, 0.5, "share of input features whose distribution drifted")
-    prediction_drift: Threshold = _threshold(0.1, 0.25, "PSI of the predicted class against the reference")
+    # PSI's usual bands: under 0.1 no change, 0.1-0.2 moderate, over 0.2 significant
+    prediction_drift: Threshold = _threshold(0.1, 0.2, "PSI of the predicted class against the reference")
     confidence_drift: Threshold = _threshold(0.99, 0.999, "1 - p-value of the confidence drift test")
-    slice_drift: Threshold = _threshold(0.1, 0.25, "PSI of the share of traffic per input slice, worst slice")
+    slice_drift: Threshold = _threshold(0.1, 0.2, "PSI of the share of traffic per input slice, worst slice")
     accuracy_drop: Threshold = _threshold(0.03, 0.06, "reference accuracy minus accuracy on labelled rows")
     slice_accuracy_drop: Threshold = _threshold(0.06, 0.12, "the same, worst slice")
     estimated_accuracy_drop: Threshold = _threshold(0.03, 0.06, "reference accuracy minus the label-free estimate")
@@ -235,9 +240,56 @@ class MonitorConfig(_Section):
     min_labelled_rows: int = Field(100, ge=1, description="fewer labelled rows: accuracy is not judged")
     min_slice_rows: int = Field(30, ge=1, description="fewer rows in a slice: that slice is not judged")
     drift_p_value: float = Field(0.05, gt=0, lt=1, description="per-feature drift test level")
+    rate_p_value: float = Field(
+        0.001,
+        gt=0,
+        lt=1,
+        description="a drop in accuracy or agreement counts only below this one-sided p-value (about 3 sigma)",
+    )
     thresholds: MonitorThresholds = Field(default_factory=MonitorThresholds)
     workspace: str | None = Field(".kd-ops/evidently", description="Evidently workspace for the report history")
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    # When `kd-ops deploy` runs the monitor: a cron string, or every `interval_minutes`
+    cron: str | None = Field(None, description="monitor deployment schedule (cron, e.g. '*/15 * * * *')")
+    interval_minutes: float | None = Field(10, gt=0, description="or: run the monitor every M minutes")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_fields(cls, v: str | None) -> str | None:
+        return check_cron(v)
+
+
+def check_cron(v: str | None) -> str | None:
+    """Five fields; Prefect checks the rest when `kd-ops deploy` builds the schedule (importing it
+    here would slow every command by a second)."""
+    if v is not None and len(v.split()) != 5:
+        raise ValueError(f"{v!r} is not a cron string of five fields (minute hour day month weekday)")
+    return v
+
+
+class RedistillConfig(_Section):
+    """Re-distillation after drift: the transfer set is the training data plus recent production
+    inputs labelled by the teacher (feedback labels win where they exist); the new student must
+    beat the champion on recent rows it did not train on and hold its accuracy on the reference."""
+
+    production_rows: int = Field(2000, ge=10, description="the latest N logged predictions of the model")
+    holdout_fraction: float = Field(
+        0.25, gt=0, lt=1, description="share of those rows kept out of training to gate on (recent data)"
+    )
+    min_recent_gain: float = Field(
+        0.0, description="new student's accuracy minus the champion's on the recent holdout must be at least this"
+    )
+    max_reference_drop: float = Field(
+        0.02, ge=0, description="champion's accuracy minus the new student's on the reference, at most this"
+    )
+    cron: str | None = Field("0 3 * * 0", description="scheduled re-distillation (weekly by default); null: none")
+    on_alert: bool = Field(True, description="start a re-distillation when the monitor raises an alert")
+    cooldown_minutes: float = Field(60, ge=0, description="alerts within this time after one start nothing more")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_fields(cls, v: str | None) -> str | None:
+        return check_cron(v)
 
 
 def check_gate_keys(gates: dict[str, float]) -> dict[str, float]:
@@ -267,6 +319,7 @@ class ExperimentConfig(_Section):
         description="promotion gates: min_<metric> / max_<metric> -> threshold, on the student's test metrics",
     )
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    redistill: RedistillConfig = Field(default_factory=RedistillConfig)
 
     @model_validator(mode="after")
     def _gate_keys(self) -> "ExperimentConfig":
@@ -289,13 +342,19 @@ class ExperimentConfig(_Section):
         """Fingerprint of everything that shapes the result (tracking location excluded)."""
         d = self.model_dump(
             mode="json",
-            exclude={"tracking": True, "monitor": True, "train": {"progress_bar"}, "distill": {"cache": {"dir"}}},
+            exclude={
+                "tracking": True,
+                "monitor": True,
+                "redistill": True,
+                "train": {"progress_bar"},
+                "distill": {"cache": {"dir"}},
+            },
         )
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values, for MLflow params. The monitor section stays out: it shapes no
-        model, and hook settings (webhook URLs) can be secrets."""
+        """Dotted keys -> values, for MLflow params. The monitor and redistill sections stay out: they
+        run the loop rather than shape the recipe, and hook settings (webhook URLs) can be secrets."""
         out: dict[str, Any] = {}
 
         def walk(prefix: str, value: Any) -> None:
@@ -305,7 +364,7 @@ class ExperimentConfig(_Section):
             else:
                 out[prefix] = value
 
-        walk("", self.model_dump(mode="json", exclude={"monitor"}))
+        walk("", self.model_dump(mode="json", exclude={"monitor", "redistill"}))
         return out
 
 

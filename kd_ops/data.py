@@ -91,6 +91,26 @@ def _contrast(x: np.ndarray, ds: RawDataset, rng: np.random.Generator) -> np.nda
     return mean + 0.5 * (x - mean)
 
 
+def corrupt_some(kinds: list[str], share: float, ds: RawDataset, seed: int = 0):
+    """A batch augmentation: `share` of the rows of each batch get one of the corruptions `kinds`,
+    drawn per row. Trains a teacher that still reads the traffic a deployed student will meet
+    (the premise of re-distillation: the teacher labels drifted inputs the student misreads)."""
+    fns = [CORRUPTIONS.get(k) for k in kinds]
+    rng = np.random.default_rng(seed)
+
+    def corrupt(x: torch.Tensor) -> torch.Tensor:
+        rows = x.detach().cpu().numpy().copy()
+        pick = rng.random(len(rows)) < share
+        which = rng.integers(0, len(fns), len(rows))
+        for i, fn in enumerate(fns):
+            sel = pick & (which == i)
+            if sel.any():
+                rows[sel] = fn(rows[sel], ds, rng)
+        return torch.as_tensor(rows, dtype=x.dtype, device=x.device)
+
+    return corrupt
+
+
 @dataclass
 class Splits:
     train: np.ndarray
@@ -121,30 +141,66 @@ def make_splits(ds: RawDataset, cfg: DataConfig, seed: int) -> Splits:
     return Splits(train, val, test, transfer, InputSlices.fit(ds.x[train]))
 
 
+@dataclass(frozen=True)
+class ExtraRows:
+    """Rows from outside the dataset that join the transfer set only: recent production inputs
+    with the label the teacher gave them (or a feedback label). Val and test stay the dataset's,
+    so a student distilled with them is scored on the very rows its predecessor was."""
+
+    x: np.ndarray  # (n, features) raw rows
+    y: np.ndarray  # (n,) int labels
+
+
+def with_extra_rows(ds: RawDataset, splits: Splits, extra: ExtraRows) -> tuple[RawDataset, Splits]:
+    if extra.x.ndim != 2 or extra.x.shape[1] != ds.x.shape[1]:
+        raise ValueError(f"extra rows have shape {extra.x.shape}, the dataset's rows have {ds.x.shape[1]} features")
+    if len(extra.y) != len(extra.x) or (
+        len(extra.y) and not 0 <= int(extra.y.min()) <= int(extra.y.max()) < ds.n_classes
+    ):
+        raise ValueError(f"extra labels must be one int per row in [0, {ds.n_classes})")
+    n = len(ds.y)
+    raw = RawDataset(
+        ds.name,
+        np.concatenate([ds.x, extra.x.astype(np.float32)]),
+        np.concatenate([ds.y, extra.y.astype(np.int64)]),
+        ds.input_shape,
+        ds.n_classes,
+        ds.max_value,
+    )
+    new = np.arange(n, n + len(extra.y))
+    return raw, Splits(
+        splits.train, splits.val, splits.test, np.concatenate([splits.transfer, new]), splits.input_slices
+    )
+
+
 class DistillDataModule(L.LightningDataModule):
     """One dataset, split once per seed; `role` picks which rows `train_dataloader` serves.
 
     Batches are `(x, y, index)`: the row index lets a loss look up cached teacher outputs.
+    `extra` rows are appended to the dataset and join the transfer set only.
     """
 
-    def __init__(self, cfg: DataConfig, seed: int, role: str = "train"):
+    def __init__(self, cfg: DataConfig, seed: int, role: str = "train", extra: ExtraRows | None = None):
         super().__init__()
         if role not in ("train", "transfer"):
             raise ValueError(f"role must be 'train' or 'transfer', got {role!r}")
-        self.cfg, self.seed, self.role = cfg, seed, role
+        self.cfg, self.seed, self.role, self.extra = cfg, seed, role, extra
         self.raw: RawDataset | None = None
         self.splits: Splits | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.raw is None:
-            self.raw = DATASETS.get(self.cfg.name)()
-            self.splits = make_splits(self.raw, self.cfg, self.seed)
+            raw = DATASETS.get(self.cfg.name)()
+            splits = make_splits(raw, self.cfg, self.seed)
+            if self.extra is not None and len(self.extra.y):
+                raw, splits = with_extra_rows(raw, splits, self.extra)
+            self.raw, self.splits = raw, splits
 
     def with_role(self, role: str) -> "DistillDataModule":
         """The same splits, serving another set of training rows (no reload, no re-split)."""
         self.setup()
-        other = DistillDataModule(self.cfg, self.seed, role)
+        other = DistillDataModule(self.cfg, self.seed, role, self.extra)
         other.raw, other.splits = self.raw, self.splits
         return other
 

@@ -14,6 +14,7 @@ a large teacher runs once instead of once per epoch.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -39,8 +40,10 @@ class DistillationModule(L.LightningModule):
         mixup: float = 0.0,
         rows: np.ndarray | None = None,
         teacher_outputs: dict[str, torch.Tensor] | None = None,
+        corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
-        """`rows`: dataset row indices of the training rows, in the order of `teacher_outputs`."""
+        """`rows`: dataset row indices of the training rows, in the order of `teacher_outputs`.
+        `corrupt`: a batch -> batch augmentation of raw rows (a robust teacher, see `kd_ops.data.corrupt_some`)."""
         super().__init__()
         self.student = student
         self.losses = nn.ModuleList(terms or [])  # trainable connectors and heads go to the optimiser
@@ -52,7 +55,7 @@ class DistillationModule(L.LightningModule):
         if teacher is not None:
             freeze(teacher)
         self.ce_weight, self.lr, self.weight_decay = ce_weight, lr, weight_decay
-        self.jitter, self.mixup = jitter, mixup
+        self.jitter, self.mixup, self.corrupt = jitter, mixup, corrupt
         self.teacher_outputs = teacher_outputs
         self.student_paths = taps_of(list(self.losses), "student")
         self.teacher_paths = taps_of(list(self.losses), "teacher")
@@ -66,7 +69,7 @@ class DistillationModule(L.LightningModule):
             self._position = position
         self.n_rows = len(rows) if rows is not None else 0
         self._classes: int | None = None
-        self.save_hyperparameters(ignore=["student", "teacher", "terms", "rows", "teacher_outputs"])
+        self.save_hyperparameters(ignore=["student", "teacher", "terms", "rows", "teacher_outputs", "corrupt"])
 
     # -- set-up ----------------------------------------------------------------------------------
     def prepare(self, example: torch.Tensor) -> None:
@@ -113,6 +116,8 @@ class DistillationModule(L.LightningModule):
         target becomes the same blend of one-hot labels, while a teacher labels the blended
         input itself, which is where distillation gains most on a small transfer set.
         """
+        if self.corrupt is not None:
+            x = self.corrupt(x)
         if self.jitter:
             std = self.student.normalize.std if hasattr(self.student, "normalize") else 1.0
             x = x + torch.randn_like(x) * self.jitter * std

@@ -30,7 +30,7 @@ from torch import nn
 
 from kd_ops import tracking
 from kd_ops.config import ConfigError, DistillConfig, ExperimentConfig, ModelSection, dump_config
-from kd_ops.data import DistillDataModule
+from kd_ops.data import DistillDataModule, ExtraRows
 from kd_ops.distill import DistillationModule
 from kd_ops.env import apply_offline_defaults
 from kd_ops.evaluation import (
@@ -132,8 +132,12 @@ def evaluate(cfg: ExperimentConfig, model: Any, dm: DistillDataModule, name: str
 def _train_teacher(
     cfg: ExperimentConfig, section: ModelSection, dm: DistillDataModule, seed: int, example
 ) -> tuple[nn.Module, str]:
+    from kd_ops.data import corrupt_some
+
     teacher = _new_model(section, dm, seed)
-    module = DistillationModule(teacher, lr=section.lr, weight_decay=section.weight_decay)
+    augment = getattr(section, "augment", [])
+    corrupt = corrupt_some(augment, section.augment_share, dm.raw, seed) if augment else None
+    module = DistillationModule(teacher, lr=section.lr, weight_decay=section.weight_decay, corrupt=corrupt)
     mlflow.log_params(_section_params(section))
     mlflow.log_metric("train_time_s", _fit(cfg, module, dm, section))
     teacher = freeze(module.export())
@@ -373,11 +377,16 @@ def _register(ctx: _Context, student: Any) -> None:
     ctx.registered.update(name=cfg.registry.name, version=str(info.registered_model_version), model_uri=info.model_uri)
 
 
-def run_distillation(cfg: ExperimentConfig) -> DistillResult:
-    """Train (or load) the teacher, the labels-only baseline and the distilled student."""
+def run_distillation(
+    cfg: ExperimentConfig, extra: ExtraRows | None = None, tags: dict[str, str] | None = None
+) -> DistillResult:
+    """Train (or load) the teacher, the labels-only baseline and the distilled student.
+
+    `extra` rows join the transfer set (re-distillation: recent production inputs labelled by the
+    teacher); `tags` go on the parent run and the registered version (why this run happened)."""
     apply_offline_defaults()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = DistillDataModule(cfg.data, cfg.seed)
+    dm = DistillDataModule(cfg.data, cfg.seed, extra=extra)
     dm.setup()
     # Teacher URIs that do not resolve or do not fit the data fail before any run exists.
     sections = [cfg.teacher, *cfg.teachers]
@@ -398,14 +407,20 @@ def run_distillation(cfg: ExperimentConfig) -> DistillResult:
     with (
         lineage_scope(**ctx.lineage),
         mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name, tags={tracking.TAG_ROLE: "parent", **ctx.lineage}
+            experiment_id=experiment_id,
+            run_name=run_name,
+            tags={tracking.TAG_ROLE: "parent", **ctx.lineage, **(tags or {})},
         ) as parent,
     ):
         ctx.runs["parent"] = parent.info.run_id
         mlflow.log_params(cfg.flat())
         mlflow.log_text(dump_config(cfg), "config.yaml")
         mlflow.log_dict(
-            {part: len(getattr(dm.splits, part)) for part in ("train", "transfer", "val", "test")}, "splits.json"
+            {
+                **{part: len(getattr(dm.splits, part)) for part in ("train", "transfer", "val", "test")},
+                "extra_transfer_rows": 0 if extra is None else len(extra.y),
+            },
+            "splits.json",
         )
 
         teacher = _teacher_stage(ctx, loaded)
@@ -424,7 +439,12 @@ def run_distillation(cfg: ExperimentConfig) -> DistillResult:
             cfg.registry.name,
             ctx.registered["version"],
             cfg.registry.alias,
-            tags={**ctx.lineage, "kd_ops.method": cfg.distill.method, "kd_ops.student_run_id": ctx.runs["student"]},
+            tags={
+                **ctx.lineage,
+                **(tags or {}),
+                "kd_ops.method": cfg.distill.method,
+                "kd_ops.student_run_id": ctx.runs["student"],
+            },
         )
         ctx.registered["alias"] = cfg.registry.alias
         _gate_stage(ctx)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kd_ops.config import MonitorConfig
-from kd_ops.reference import ReferenceMissing, load_reference
+from kd_ops.reference import Reference, ReferenceMissing, load_reference
 from kd_ops.scenarios import sample
-from monitors.monitor import confidence_estimate, evidently_accuracy, judge
+from monitors.monitor import confidence_estimate, decide, drop_p_value, evidently_accuracy, judge
 from monitors.window import Window, WindowError, window_from_frame
 
 
@@ -46,7 +46,13 @@ def test_clean_traffic_is_ok(distilled, reference):
     assert out.status == "ok", out.reasons
     assert out.metrics["drift_share"] < 0.3 and abs(out.metrics["accuracy_drop"]) < 0.03
     assert abs(out.metrics["estimated_accuracy_drop"]) < 0.03 and abs(out.metrics["agreement_drop"]) < 0.03
-    assert out.snapshot is not None
+    assert set(out.snapshots) == {"drift", "quality"}
+    quality = out.snapshots["quality"].dict()["metrics"]
+    accuracy = next(m["value"] for m in quality if m["config"]["type"].endswith(":Accuracy"))
+    assert accuracy == pytest.approx(out.metrics["accuracy"])
+    assert any(
+        m["config"]["type"].endswith(":F1ByLabel") for m in quality
+    )  # the classification report, not accuracy alone
 
 
 def test_noise_raises_an_alert_naming_the_signals(distilled, reference):
@@ -55,7 +61,8 @@ def test_noise_raises_an_alert_naming_the_signals(distilled, reference):
     assert out.status == "alert"
     signals = {r.signal for r in out.reasons if r.status == "alert"}
     assert "drift_share" in signals and out.metrics["drift_share"] > 0.5
-    assert "accuracy_drop" in signals  # labels arrived: the decay itself is measured
+    # Labels arrived: the decay itself is measured (and tested against the small test reference's noise).
+    assert out.metrics["accuracy_drop"] > 0.06 and out.metrics["accuracy_drop_p_value"] < 0.05
     reason = next(r for r in out.reasons if r.signal == "drift_share")
     assert reason.threshold == 0.5 and "drift_share" in reason.message
 
@@ -77,6 +84,33 @@ def test_label_free_estimate_follows_accuracy_without_labels(distilled, referenc
     assert "accuracy" not in clean.metrics and any("labelled rows" in s for s in clean.skipped)
     assert noisy.metrics["estimated_accuracy"] < clean.metrics["estimated_accuracy"]
     assert confidence_estimate(reference, reference.confidence) == pytest.approx(reference.accuracy, abs=1e-6)
+
+
+def test_a_drop_on_few_rows_must_be_significant_to_count():
+    cfg = MonitorConfig()
+    reference = np.array([True] * 260 + [False] * 10)  # 96.3% on 270 rows
+    noise = drop_p_value(np.array([True] * 91 + [False] * 9), reference)  # 91% on 100 rows
+    real = drop_p_value(np.array([True] * 80 + [False] * 20), reference)  # 80%
+    assert real < cfg.rate_p_value < noise < 0.05
+    assert drop_p_value(reference, reference) > 0.5
+
+    status, reasons, notes = decide({"accuracy_drop": 0.053, "accuracy_drop_p_value": noise}, cfg)
+    assert status == "ok" and reasons == [] and "not significant" in notes[0] and "accuracy_drop" in notes[0]
+    status, reasons, _ = decide({"accuracy_drop": 0.163, "accuracy_drop_p_value": real}, cfg)
+    assert status == "alert" and reasons[0].signal == "accuracy_drop"
+    status, reasons, _ = decide({"drift_share": 0.6}, cfg)  # a signal without a p-value: the threshold alone
+    assert status == "alert"
+
+
+def test_confidence_estimate_counts_ties_at_the_threshold():
+    # A saturated student: most confidences are exactly 1.0, so the threshold sits on a tie.
+    probs = np.full((10, 2), [1.0, 0.0], dtype=np.float32)
+    probs[8:] = [0.6, 0.4]
+    labels = np.array([0] * 7 + [1] * 3)  # accuracy 0.7: the 8 saturated rows hold 7 right, 1 wrong
+    ref = Reference(np.zeros((10, 1), np.float32), labels, probs)
+    assert confidence_estimate(ref, ref.confidence) == pytest.approx(0.7)
+    assert confidence_estimate(ref, np.full(4, 0.6)) == 0.0  # every row below the threshold
+    assert confidence_estimate(ref, np.ones(4)) == pytest.approx(7 / 8)
 
 
 def test_a_small_window_says_so(distilled, reference):
