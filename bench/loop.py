@@ -33,7 +33,6 @@ import numpy as np
 import yaml
 from shared import RESULTS, ROOT, save_results  # bench/shared.py (bench/ is on sys.path when run)
 
-
 # Below this loss the recovery ratio is noise: 1000 rows drawn from a 360-row test split measure
 # an accuracy to about one point, and a difference of two to about 1.5.
 MIN_LOSS = 0.05

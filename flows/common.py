@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from kd_ops.config import ExperimentConfig, load_config
+from kd_ops.config import ConfigError, ExperimentConfig, load_config
 
 RETRIES = 3
 RETRY_DELAYS = [2, 10, 30]  # seconds: a tracking server restarting, a database briefly locked
 
-# Words of the errors a tracking server, a database or the network give while they are briefly
-# away; anything else (a bad config, a missing model, a failing gate) is final and not retried.
-_TRANSIENT_WORDS = (
-    "connection refused",
-    "connection reset",
-    "connection aborted",
-    "max retries exceeded",
-    "temporarily unavailable",
-    "timed out",
-    "database is locked",
-    "503",
-    "502",
-    "504",
+# What a tracking server, a database or the network say while they are briefly away; anything
+# else (a bad config, a missing model, a failing gate) is final and not retried.
+_TRANSIENT = re.compile(
+    r"connection (refused|reset|aborted)|max retries exceeded|temporarily[ _]unavailable|timed out"
+    r"|database is locked|(status( code)?|http|error code)\W{0,3}50[234]\b"
+    r"|\b50[234] (server error|bad gateway|service unavailable|gateway timeout)",
+    re.IGNORECASE,
 )
+_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR"}
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -31,7 +27,9 @@ def is_transient(exc: BaseException | None) -> bool:
     while exc is not None and seen < 10:
         if isinstance(exc, (ConnectionError, TimeoutError)):
             return True
-        if any(word in str(exc).lower() for word in _TRANSIENT_WORDS):
+        if getattr(exc, "error_code", None) in _TRANSIENT_CODES:  # MlflowException
+            return True
+        if not isinstance(exc, ConfigError) and _TRANSIENT.search(str(exc)):
             return True
         exc = exc.__cause__ or exc.__context__
         seen += 1
@@ -39,12 +37,10 @@ def is_transient(exc: BaseException | None) -> bool:
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry connection trouble, fail fast on everything else."""
-    try:
-        state.result(raise_on_failure=True)
-    except Exception as exc:  # the task's own exception, re-raised from its state
-        return is_transient(exc)
-    return False
+    """Prefect `retry_condition_fn` (a plain function: Prefect ignores partials and callables):
+    retry connection trouble, fail fast on everything else. The failed state holds the task's
+    own exception."""
+    return is_transient(state.data if isinstance(state.data, BaseException) else None)
 
 
 def config(path: str, overrides: list[str] | None = None) -> ExperimentConfig:

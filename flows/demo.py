@@ -67,13 +67,15 @@ def _flow_runs(deployment_id: Any) -> list[Any]:
         return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
 
 
-def _deployment_id(name: str, timeout: float = 120) -> Any:
+def _deployment_id(name: str, deploy: Service, timeout: float = 120) -> Any:
     """The id of deployment `flow/name` once `kd-ops deploy` has registered it and its trigger."""
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
+            if deploy.proc.poll() is not None:
+                raise RuntimeError(f"kd-ops deploy exited with {deploy.proc.returncode}: {deploy.output()[-2000:]}")
             try:
                 dep = client.read_deployment_by_name(name)
                 if "redistill" not in name or client.read_resource_related_automations(f"prefect.deployment.{dep.id}"):
@@ -84,11 +86,13 @@ def _deployment_id(name: str, timeout: float = 120) -> Any:
     raise TimeoutError(f"deployment {name} was not registered within {timeout:.0f} s")
 
 
-def _wait_final(deployment_id: Any, timeout: float) -> Any:
+def _wait_final(deployment_id: Any, timeout: float, log: Path) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         runs = _flow_runs(deployment_id)
         done = [r for r in runs if r.state is not None and r.state.is_final()]
+        if done and not done[0].state.is_completed():
+            raise RuntimeError(f"redistill run {done[0].name} ended {done[0].state.name}; see {log}")
         if done:
             return done[0]
         time.sleep(1)
@@ -117,9 +121,13 @@ def _latest_monitor(tracking_uri: str, experiment: str) -> tuple[str, list[str]]
 
 def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool = False) -> int:
     root = Path(directory).resolve()
+    marker = root / ".kd-ops-demo"
+    if root.exists() and any(root.iterdir()) and not marker.exists():
+        raise RuntimeError(f"{root} is not empty and was not made by kd-ops demo: choose another --dir")
     if root.exists():
-        shutil.rmtree(root)
+        shutil.rmtree(root)  # the previous demo's: each demo starts from nothing
     root.mkdir(parents=True)
+    marker.touch()
     prefect_home = root / "prefect"
     tracking_uri = f"sqlite:///{root}/mlflow.db"
     store = f"sqlite:///{root}/predictions.db"
@@ -139,13 +147,13 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
     os.environ.update(env)  # before Prefect is imported here: its settings are read once
-    bin_dir = Path(sys.executable).parent
+    python = sys.executable
     services: list[Service] = []
     clock = _Clock()
     try:
         _say(f"1. Prefect server on 127.0.0.1:{prefect_port} (database in {prefect_home})")
         prefect_server = Service(
-            [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+            [python, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
             root / "prefect-server.log",
         )
         services.append(prefect_server)
@@ -178,19 +186,21 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
 
         _say("3. kd-ops deploy: monitor and redistill deployments")
         deploy = Service(
-            [str(bin_dir / "kd-ops"), "deploy", config_path, *sum((["--set", o] for o in overrides), [])],
+            [python, "-m", "kd_ops", "deploy", config_path, *sum((["--set", o] for o in overrides), [])],
             root / "deploy.log",
         )
         services.append(deploy)
         monitor_name, redistill_name = f"kd-ops-monitor/{name}", f"kd-ops-redistill/{name}"
-        _deployment_id(monitor_name)
-        redistill_id = _deployment_id(redistill_name)
+        _deployment_id(monitor_name, deploy)
+        redistill_id = _deployment_id(redistill_name, deploy)
         clock.stage("deploy")
 
         _say(f"4. kd-ops serve {name} on 127.0.0.1:{serve_port}")
         server = Service(
             [
-                str(bin_dir / "kd-ops"),
+                python,
+                "-m",
+                "kd_ops",
                 "serve",
                 name,
                 "--port",
@@ -231,7 +241,7 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
             _say("   no alert, so no re-distillation: the loop stops here")
             return 1
         _say("   alert -> kd-ops.monitor.alert event -> automation -> redistill deployment")
-        run = _wait_final(redistill_id, timeout=600)
+        run = _wait_final(redistill_id, 600, root / "deploy.log")
         _say(f"   redistill flow run {run.name}: {run.state.name}")
         clock.stage("redistill")
 
@@ -250,6 +260,15 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
                 time.sleep(1)
         x_test, y_test = sample(dm, scenario, 1000, seed=3)  # fresh drifted rows, none of them trained on
         served = np.asarray(_replay(url, x_test))
+        clock.stage("hot swap")
+        if promoted:
+            _say("8. the drift goes on; the monitor deployment judges the new champion's window")
+            _monitor(monitor_name, root / "deploy.log")
+            status, reasons = _latest_monitor(tracking_uri, cfg.tracking.experiment)
+            _say(f"   monitor: {status} (its reference is the traffic it was distilled for)")
+            for reason in reasons:
+                _say(f"     {reason}")
+            clock.stage("monitor after")
         teacher_uri = (
             mlflow.MlflowClient(tracking_uri).get_model_version(name, champion).tags["kd_ops.teacher_model_uri"]
         )
@@ -277,10 +296,14 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
             + ", ".join(f"{k} {v:.0f} s" for k, v in clock.stages.items())
             + f"; total {time.monotonic() - clock.t0:.0f} s"
         )
+        bin_dir = Path(python).parent
         kd = bin_dir.relative_to(Path.cwd()) if bin_dir.is_relative_to(Path.cwd()) else bin_dir
         _say("\nopen what it made:")
         _say(f"   {kd}/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
-        _say(f"   PREFECT_HOME={prefect_home} {kd}/prefect server start --host 127.0.0.1 --port 4200")
+        if keep_servers:
+            _say(f"   the Prefect UI is still up: http://127.0.0.1:{prefect_port}")
+        else:
+            _say(f"   PREFECT_HOME={prefect_home} {kd}/prefect server start --host 127.0.0.1 --port 4200")
         _say(f"   {kd}/evidently ui --workspace {root / 'evidently'} --host 127.0.0.1 --port 8000")
         return 0 if promoted else 1
     finally:

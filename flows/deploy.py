@@ -21,18 +21,22 @@ from flows.monitor import ALERT_EVENT, model_resource
 from kd_ops.config import ConfigError, ExperimentConfig
 
 
-def _schedule(key: str, cron: str | None, interval_minutes: float | None = None) -> dict[str, Any]:
+def _schedules(
+    key: str, cron: str | None, interval_minutes: float | None = None, parameters: dict[str, Any] | None = None
+) -> list[Any]:
+    """The deployment's schedule; `parameters` are what its runs get on top (why they ran)."""
     from prefect.client.schemas.schedules import CronSchedule
+    from prefect.schedules import Cron, Interval
 
     if cron:
         try:
             CronSchedule(cron=cron)
         except ValueError as exc:
             raise ConfigError(f"{key} = {cron!r}: {str(exc).splitlines()[-1].strip()}") from None
-        return {"cron": cron}
+        return [Cron(cron, timezone="UTC", parameters=parameters or {})]
     if interval_minutes:
-        return {"interval": dt.timedelta(minutes=interval_minutes)}
-    return {}
+        return [Interval(dt.timedelta(minutes=interval_minutes), parameters=parameters or {})]
+    return []
 
 
 def alert_trigger(cfg: ExperimentConfig, parameters: dict[str, Any]) -> Any:
@@ -70,7 +74,9 @@ def deployments(config_path: str, overrides: list[str] | None = None) -> list[An
         parameters=parameters,
         tags=tags,
         description=f"judge the latest window of {name}'s prediction log; emit {ALERT_EVENT} on alert",
-        **_schedule("monitor.cron", cfg.monitor.cron, cfg.monitor.interval_minutes),
+        schedules=_schedules("monitor.cron", cfg.monitor.cron, cfg.monitor.interval_minutes),
+        # After downtime, one monitor of the newest window, not a burst of stale ones.
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW"),
     )
     redistill = redistill_flow.to_deployment(
         name=name,
@@ -79,9 +85,30 @@ def deployments(config_path: str, overrides: list[str] | None = None) -> list[An
         description=f"re-distil {name} on teacher-labelled recent traffic; promote if it beats the champion",
         triggers=[alert_trigger(cfg, parameters)] if cfg.redistill.on_alert else [],
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW"),
-        **_schedule("redistill.cron", cfg.redistill.cron),
+        schedules=_schedules(
+            "redistill.cron", cfg.redistill.cron, parameters={"trigger": f"schedule {cfg.redistill.cron}"}
+        ),
     )
     return [monitor, redistill]
+
+
+def check_api() -> str:
+    """The Prefect API `kd-ops deploy` registers with. Without one, `prefect.serve` would start a
+    temporary server that runs no scheduler: the deployments would exist and never run."""
+    import requests
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigError(
+            "PREFECT_API_URL is not set: start a server (`prefect server start --host 127.0.0.1`) and"
+            " export PREFECT_API_URL=http://127.0.0.1:4200/api, or log in to Prefect Cloud"
+        )
+    try:
+        requests.get(f"{url.rstrip('/')}/health", timeout=10).raise_for_status()
+    except requests.RequestException as exc:
+        raise ConfigError(f"PREFECT_API_URL = {url}: the Prefect API does not answer ({type(exc).__name__})") from None
+    return url
 
 
 def serve(config_path: str, overrides: list[str] | None = None) -> None:

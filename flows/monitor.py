@@ -55,5 +55,8 @@ def monitor_flow(config_path: str, overrides: list[str] | None = None) -> dict[s
         logger.info("  %s: %s", reason["status"], reason["message"])
     if result["status"] == "alert":
         result["event_id"] = emit_alert(result)
-        logger.info("emitted %s (event %s)", ALERT_EVENT, result["event_id"])
+        if result["event_id"]:
+            logger.info("emitted %s (event %s)", ALERT_EVENT, result["event_id"])
+        else:
+            logger.warning("events are off in this Prefect setup: %s not emitted, no re-distillation", ALERT_EVENT)
     return result

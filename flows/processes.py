@@ -54,12 +54,18 @@ class Service:
         raise ServiceError(f"did not answer {url} within {timeout:.0f} s: {self.output()[-3000:]}")
 
     def kill(self, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
+        # The whole group, even when its leader has exited: its children may not have.
+        try:
             os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait(timeout=timeout)
         self._log.close()
 

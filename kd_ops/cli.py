@@ -299,11 +299,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     overrides = list(args.set or []) + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
-    from flows.deploy import deployments, serve
+    from flows.deploy import check_api, deployments, serve
 
-    built = _run_quietly(lambda: deployments(args.config, overrides))
+    api = _run_quietly(check_api)
+    built = _run_quietly(lambda: deployments(args.config, overrides)) if api else None
     if built is None:
         return EXIT_CONFIG
+    print(f"Prefect API {api}", file=sys.stderr)
     for d in built:
         when = [str(s.schedule) for s in d.schedules] + [f"on {t.name}" for t in d.triggers]
         print(f"serving {d.flow_name}/{d.name}: " + ", ".join(when), file=sys.stderr)
@@ -318,7 +320,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         return run_demo(args.config, args.dir, args.scenario, keep_servers=args.keep_servers)
-    except (*_user_errors(), ServiceError, TimeoutError, RuntimeError) as exc:
+    except (*_user_errors(), ServiceError, OSError, RuntimeError) as exc:  # timeouts and HTTP errors too
         print(f"kd-ops demo: {exc}\n(the logs of its servers are in {args.dir})", file=sys.stderr)
         return 1
 

@@ -161,6 +161,7 @@ class _Context:
     registered: dict[str, Any] = field(default_factory=dict)
     logits: dict[str, np.ndarray] = field(default_factory=dict)  # test-split logits per role (plots, agreement)
     gates: list[dict[str, Any]] = field(default_factory=list)
+    reference_rows: tuple[np.ndarray, np.ndarray] | None = None  # default: the val split
 
     def child(self, name: str, role: str | None = None, **tags: str):
         return mlflow.start_run(
@@ -369,7 +370,9 @@ def _register(ctx: _Context, student: Any) -> None:
     # Before the version exists: a served version always finds how to slice its traffic, and a
     # monitor always finds the reference to compare that traffic with.
     mlflow.log_dict(ctx.dm.input_slices().to_dict(), SLICES_ARTIFACT)
-    log_reference(build_reference(student, ctx.models.get("teacher"), ctx.dm))
+    rows = ctx.reference_rows
+    split = "production" if rows is not None else "val"
+    log_reference(build_reference(student, ctx.models.get("teacher"), ctx.dm, split, rows))
     if isinstance(student, nn.Module):
         info = tracking.log_torch_model(student, ctx.example, registered_name=cfg.registry.name)
     else:
@@ -378,12 +381,16 @@ def _register(ctx: _Context, student: Any) -> None:
 
 
 def run_distillation(
-    cfg: ExperimentConfig, extra: ExtraRows | None = None, tags: dict[str, str] | None = None
+    cfg: ExperimentConfig,
+    extra: ExtraRows | None = None,
+    tags: dict[str, str] | None = None,
+    reference: ExtraRows | None = None,
 ) -> DistillResult:
     """Train (or load) the teacher, the labels-only baseline and the distilled student.
 
     `extra` rows join the transfer set (re-distillation: recent production inputs labelled by the
-    teacher); `tags` go on the parent run and the registered version (why this run happened)."""
+    teacher); `tags` go on the parent run and the registered version (why this run happened);
+    `reference` rows replace the val split as the reference stored for monitoring."""
     apply_offline_defaults()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = DistillDataModule(cfg.data, cfg.seed, extra=extra)
@@ -402,6 +409,8 @@ def run_distillation(
         tracking.TAG_CODE_VERSION: tracking.code_version(),
     }
     ctx = _Context(cfg, dm, dm.with_role("transfer"), experiment_id, lineage, dm.arrays("val")[0][:5])
+    if reference is not None:
+        ctx.reference_rows = (reference.x, reference.y)
 
     run_name = f"{cfg.data.name}-{cfg.distill.method}-seed{cfg.seed}"
     with (

@@ -98,7 +98,10 @@ def teacher_classes(teachers: list[Any], x: np.ndarray) -> np.ndarray:
     return np.mean([np.exp(log_probs(t, x)) for t in teachers], axis=0).argmax(axis=1)
 
 
-def production_set(cfg: ExperimentConfig, teachers: list[Any], n_features: int) -> ProductionSet:
+MIN_HOLDOUT_ROWS = 20  # fewer recent rows to gate on and the recent-gain gate is a coin toss
+
+
+def production_set(cfg: ExperimentConfig, teachers: list[Any], n_features: int, n_classes: int) -> ProductionSet:
     """The latest `production_rows` inputs of the model from the log, labelled, with a holdout."""
     from kd_ops.prediction_log import read_predictions
 
@@ -115,11 +118,17 @@ def production_set(cfg: ExperimentConfig, teachers: list[Any], n_features: int) 
     if x.ndim != 2 or x.shape[1] != n_features:
         raise ConfigError(f"logged inputs of {name!r} have shape {x.shape}; the dataset has {n_features} features")
     feedback = frame["label"].to_numpy(dtype=float)
-    from_feedback = np.isfinite(feedback)
+    # A feedback label that is not one of the model's classes is not trusted: the teacher labels that row.
+    from_feedback = np.isfinite(feedback) & (feedback >= 0) & (feedback < n_classes)
     y = np.where(from_feedback, np.nan_to_num(feedback), teacher_classes(teachers, x)).astype(np.int64)
-    rng = np.random.default_rng(cfg.seed)
+    n_holdout = int(round(r.holdout_fraction * len(y)))
+    if n_holdout < MIN_HOLDOUT_ROWS:
+        raise NoProductionRows(
+            f"{len(y)} logged predictions of {name!r} leave {n_holdout} rows to gate on (at least {MIN_HOLDOUT_ROWS}):"
+            " raise redistill.production_rows or holdout_fraction, or wait for more traffic"
+        )
     holdout = np.zeros(len(y), dtype=bool)
-    holdout[rng.permutation(len(y))[: max(1, int(round(r.holdout_fraction * len(y))))]] = True
+    holdout[np.random.default_rng(cfg.seed).permutation(len(y))[:n_holdout]] = True
     return ProductionSet(x, y, from_feedback, holdout)
 
 
@@ -127,6 +136,11 @@ def redistill_config(cfg: ExperimentConfig, teacher_uri: str) -> ExperimentConfi
     """The recipe of `cfg`, with the champion's teacher loaded instead of trained, no baseline and
     no promotion inside the distillation: the decision is taken here, against the champion."""
     uris = teacher_uri.split(",")
+    if len(uris) != 1 + len(cfg.teachers):
+        raise ConfigError(
+            f"the champion's lineage names {len(uris)} teacher(s) but the config has {1 + len(cfg.teachers)}"
+            " (teacher + teachers): re-distil with the config the champion was distilled with"
+        )
     teachers = [t.model_copy(update={"uri": u}) for t, u in zip(cfg.teachers, uris[1:])]
     return cfg.model_copy(
         update={
@@ -146,32 +160,59 @@ def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual") -> Redist
     from kd_ops import gates, promotion
     from kd_ops.data import DistillDataModule, ExtraRows
     from kd_ops.env import apply_offline_defaults
-    from kd_ops.gates import GateDecision
     from kd_ops.loading import load_for_data
     from kd_ops.pipeline import run_distillation
     from kd_ops.reference import load_reference
     from kd_ops.served_model import resolve_alias
 
     apply_offline_defaults()
-    name, r = cfg.registry.name, cfg.redistill
+    name = cfg.registry.name
     client = MlflowClient(cfg.tracking.uri)
     champion = resolve_alias(client, name, promotion.CHAMPION)
     teacher_uri = teacher_uri_of(client, name, champion)
     dm = DistillDataModule(cfg.data, cfg.seed)
     dm.setup()
+    recipe = redistill_config(cfg, teacher_uri)
     teachers = [load_for_data(u, dm, f"the teacher of {name} v{champion}") for u in teacher_uri.split(",")]
-    prod = production_set(cfg, teachers, dm.n_features)
+    # Everything the decision needs is loaded before training: a version is never left half-judged.
+    champion_model = load_for_data(f"models:/{name}/{champion}", dm, "champion")
+    reference = load_reference(name, champion, cfg.tracking.uri)
+    prod = production_set(cfg, teachers, dm.n_features, dm.n_classes)
     train = ~prod.holdout
+    hx, hy = prod.x[prod.holdout], prod.y[prod.holdout]
     log.info("re-distilling %s (champion v%s) with %s", name, champion, prod.counts())
 
     tags = {TAG_REDISTILL: champion, TAG_TRIGGER: trigger[:250]}
-    result = run_distillation(redistill_config(cfg, teacher_uri), ExtraRows(prod.x[train], prod.y[train]), tags)
+    # The new version's reference is the held-out recent traffic it was made for.
+    result = run_distillation(recipe, ExtraRows(prod.x[train], prod.y[train]), tags, ExtraRows(hx, hy))
+    version = result.registered["version"]
+    try:
+        return _decide(cfg, client, result, champion, champion_model, reference, prod, trigger)
+    except BaseException:
+        # The config's gates may have marked the version passed; without the champion gates it is not.
+        client.set_model_version_tag(name, version, gates.TAG_GATES, "failed")
+        raise
+
+
+def _decide(
+    cfg: ExperimentConfig,
+    client: Any,
+    result: Any,
+    champion: str,
+    champion_model: Any,
+    reference: Any,
+    prod: ProductionSet,
+    trigger: str,
+) -> RedistillResult:
+    """The champion gates, recorded with the config's; promotion when all pass and the champion is
+    still the one the candidate was compared with."""
+    from kd_ops import gates, promotion
+    from kd_ops.gates import GateDecision
+    from kd_ops.served_model import resolve_alias
+
+    name, r = cfg.registry.name, cfg.redistill
     version = result.registered["version"]
     student = result.models["student"]
-
-    # The champion and the candidate on the same rows: recent (holdout) and the champion's reference.
-    champion_model = load_for_data(f"models:/{name}/{champion}", dm, "champion")
-    reference = load_reference(name, champion, cfg.tracking.uri)
     hx, hy = prod.x[prod.holdout], prod.y[prod.holdout]
     accuracy = {
         "recent": {
@@ -217,7 +258,8 @@ def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual") -> Redist
 
     failed = [d for d in decisions if not d.passed]
     promoted = False
-    if not failed and cfg.registry.promote:
+    now = resolve_alias(client, name, promotion.CHAMPION)
+    if not failed and cfg.registry.promote and now == champion:
         promotion.promote(name, version, uri=cfg.tracking.uri)
         promoted = True
     recent = accuracy["recent"]
@@ -230,6 +272,8 @@ def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual") -> Redist
         )
     elif failed:
         reason = f"kept v{champion}: " + "; ".join(f"{d.gate} {d.tag_value()}" for d in failed)
+    elif now != champion:
+        reason = f"kept v{now}: the champion changed from v{champion} while v{version} was distilled"
     else:
         reason = f"kept v{champion}: every gate passed but registry.promote is false"
     log.info("re-distillation of %s: %s", name, reason)

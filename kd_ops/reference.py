@@ -81,9 +81,13 @@ def _probabilities(model: Any, x: np.ndarray) -> np.ndarray:
     return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def build_reference(student: Any, teacher: Any | None, dm: Any, split: str = "val") -> Reference:
-    """The student's (and teacher's) view of `split` of the datamodule `dm`."""
-    x, y = dm.arrays(split)
+def build_reference(
+    student: Any, teacher: Any | None, dm: Any, split: str = "val", rows: tuple[np.ndarray, np.ndarray] | None = None
+) -> Reference:
+    """The student's (and teacher's) view of `split` of the datamodule `dm`, or of `rows` (x, labels):
+    a re-distilled student's reference is the recent traffic it was made for (`split="production"`),
+    else a monitor would keep comparing the traffic it adapted to with the distribution it left."""
+    x, y = rows if rows is not None else dm.arrays(split)
     x = np.asarray(x, dtype=np.float32)
     return Reference(
         x=x,

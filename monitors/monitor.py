@@ -204,7 +204,7 @@ def quality_metrics(
     out["accuracy_drop"] = reference.accuracy - out["accuracy"]
     reference_hits = reference.predicted == reference.labels
     out["accuracy_drop_p_value"] = drop_p_value(pred == labels, reference_hits)
-    worst, worst_p, compared = None, 1.0, 0
+    judged: list[tuple[float, float]] = []  # (drop, p-value) per slice
     for name, values in window.slices.items():
         ref_values = reference.slices.get(name)
         for level in sorted(set(values[labelled]) - {""}):
@@ -218,13 +218,13 @@ def quality_metrics(
                 in_ref = ref_values == level
                 drop = _accuracy(reference.predicted[in_ref], reference.labels[in_ref]) - acc
                 out[f"accuracy_drop_slice_{name}_{level}"] = drop
-                compared += 1
-                if worst is None or drop > worst:
-                    worst, worst_p = drop, drop_p_value(pred[rows] == labels[rows], reference_hits[in_ref])
-    if worst is not None:
-        out["slice_accuracy_drop"] = worst
-        # the worst of several slices: Bonferroni, or some slice would always look significant
-        out["slice_accuracy_drop_p_value"] = min(1.0, worst_p * compared)
+                judged.append((drop, drop_p_value(pred[rows] == labels[rows], reference_hits[in_ref])))
+    if judged:
+        # p-values Bonferroni-corrected over the slices compared (or some slice would always look
+        # significant); the signal is the worst significant drop, else the worst drop.
+        judged = [(drop, min(1.0, p * len(judged))) for drop, p in judged]
+        significant = [j for j in judged if j[1] < cfg.rate_p_value]
+        out["slice_accuracy_drop"], out["slice_accuracy_drop_p_value"] = max(significant or judged)
     return snapshot, out, skipped
 
 

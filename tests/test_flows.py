@@ -102,11 +102,12 @@ def test_deployments_carry_their_schedules_trigger_and_concurrency(harness, loop
         m = client.read_deployment_by_name(f"kd-ops-monitor/{NAME}")
         (schedule,) = m.schedules
         assert schedule.schedule.interval.total_seconds() == 15 * 60
+        assert m.concurrency_options.collision_strategy == "CANCEL_NEW"  # after downtime: one run, not a burst
         assert m.parameters == {"config_path": loop["config"], "overrides": ["monitor.interval_minutes=15"]}
 
         r = client.read_deployment_by_name(f"kd-ops-redistill/{NAME}")
         (weekly,) = r.schedules
-        assert weekly.schedule.cron == "0 3 * * 0"
+        assert weekly.schedule.cron == "0 3 * * 0" and weekly.parameters == {"trigger": "schedule 0 3 * * 0"}
         assert r.global_concurrency_limit.limit == 1 and r.concurrency_options.collision_strategy == "CANCEL_NEW"
         (automation,) = client.read_resource_related_automations(f"prefect.deployment.{r.id}")
         trigger = automation.trigger
@@ -298,3 +299,9 @@ def test_transient_errors_are_told_apart():
         assert is_transient(exc)
     assert not is_transient(ConfigError("registry.name: no such model"))
     assert not is_transient(ValueError("bad"))
+    # Status codes count only as words: a run id or a shape that contains 503 is not an outage.
+    assert not is_transient(RuntimeError("run 7a5031c9: shape (503, 64) does not fit"))
+    assert is_transient(RuntimeError("API request to /runs/get failed with 503 Service Unavailable"))
+    assert is_transient(
+        RuntimeError("API request to endpoint /api/2.0/mlflow/runs/get failed with error code 503 != 200")
+    )
