@@ -314,6 +314,43 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg is None:
+        return EXIT_CONFIG
+    from kd_ops.config import ConfigError
+    from kd_ops.evaluation import COMMON_METRICS, STUDENT_METRICS
+    from kd_ops.sweep import cells, parse_grid
+
+    try:
+        grid = parse_grid(args.grid or [])
+        if args.metric not in (*COMMON_METRICS, *STUDENT_METRICS):
+            raise ConfigError(f"--metric {args.metric!r}: not a student metric; one of {', '.join(COMMON_METRICS)}")
+    except ConfigError as exc:
+        print(f"kd-ops: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    overrides = list(args.set or []) + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
+    # Every cell's config is checked before anything runs: a typo fails in one line, not in a worker.
+    from kd_ops.config import load_config
+    from kd_ops.sweep import as_overrides
+
+    for cell in cells(grid):
+        if _run_quietly(lambda: load_config(args.config, [*overrides, *as_overrides(cell)])) is None:
+            return EXIT_CONFIG
+    from flows.sweep import run_sweep
+
+    _quiet_libraries(args.verbose)
+    out = _run_quietly(lambda: run_sweep(args.config, grid, overrides, args.metric, args.workers))
+    if out is None:
+        return EXIT_CONFIG
+    if args.json:
+        _print_json(out)
+    else:
+        print(out["table"])
+        print(f"sweep run {out['parent_run_id']}; {out['failed']} cell(s) failed")
+    return 0 if not out["failed"] else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
     from flows.processes import ServiceError
@@ -411,6 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
     p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("sweep", help="a grid of distillations as parallel Prefect tasks (Dask), ranked in MLflow")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="values to try for a key (repeatable)")
+    p.add_argument("--metric", default="test_accuracy", help="student metric to rank by (default test_accuracy)")
+    p.add_argument("--workers", type=int, default=2, help="Dask worker processes (default 2)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every cell")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="the whole loop on bundled data: distil, serve, drift, alert, redistill, promote")
     p.add_argument("--config", default="examples/loop.yaml", help="experiment YAML (default examples/loop.yaml)")
