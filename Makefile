@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export EVIDENTLY_DISABLE_TELEMETRY := 1
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean postgres-binaries
 
 install: $(STAMP)
 
@@ -29,8 +29,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/kd-ops demo
 
-test: $(STAMP)
+test: $(STAMP) postgres-binaries
 	$(BIN)/python -m pytest
+
+# The PostgreSQL tests start their own throw-away server from Debian's binaries (tests/postgres.py).
+# Where they are missing, install them if this is a Debian machine we may change; else say so.
+postgres-binaries:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "==> installing Debian's postgresql (server binaries for the PostgreSQL tests)" && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "kd-ops: PostgreSQL's server binaries are missing; the PostgreSQL tests will fail (apt-get install postgresql)"
 
 bench: $(STAMP)
 	$(BIN)/python bench/kd_quality.py

@@ -1,13 +1,19 @@
-"""Long-running helper processes (a Prefect server, `kd-ops serve`, `kd-ops deploy`) for the demo
-and the loop benchmark: a free port on 127.0.0.1, a new process group, wait until healthy."""
+"""Long-running helper processes (a Prefect server, `kd-ops serve`, `kd-ops deploy`, a throw-away
+PostgreSQL) for the demo, the benchmarks and the tests: a free port on 127.0.0.1, a new process
+group, wait until healthy."""
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -76,3 +82,66 @@ class Service:
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text()
+
+
+def server_bin() -> Path | None:
+    """The directory of `initdb` and `postgres`: on PATH, else Debian's /usr/lib/postgresql/<v>/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+class Postgres:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 with trust authentication, from Debian's server
+    binaries; as root, the server runs as the `postgres` user (PostgreSQL refuses root)."""
+
+    def __init__(self, bin_dir: Path):
+        self.root = Path(tempfile.mkdtemp(prefix="kd-ops-pg-"))
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+            as_user = ["runuser", "-u", "postgres", "--"]
+        data = self.root / "data"
+        subprocess.run(
+            [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+        )
+        self.port = free_port()
+        cmd = [str(bin_dir / "postgres"), "-D", str(data), "-p", str(self.port), "-h", "127.0.0.1"]
+        cmd += ["-k", str(self.root), "-c", "max_connections=200"]
+        self.proc = Service([*as_user, *cmd], Path(tempfile.mkdtemp(prefix="kd-ops-pg-log-")) / "postgres.log")
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}"
+        self._wait()
+
+    def _wait(self, timeout: float = 60) -> None:
+        import psycopg2
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres").close()
+                return
+            except psycopg2.OperationalError:
+                if self.proc.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"PostgreSQL did not start: {self.proc.output()[-2000:]}") from None
+                time.sleep(0.2)
+
+    def database(self) -> str:
+        """A new empty database; its SQLAlchemy URL."""
+        import psycopg2
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name}")
+        conn.close()
+        return f"{self.url}/{name}"
+
+    def stop(self) -> None:
+        self.proc.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -138,11 +138,26 @@ def open_store(url: str, sqlite_sync: str = "FULL", create: bool = True) -> Engi
             cur.close()
 
     if create:
-        metadata.create_all(engine)
+        _create_tables(engine)
     elif not sa.inspect(engine).has_table(predictions.name):
         engine.dispose()
         raise ValueError(f"no prediction log at {url!r}: it has no table {predictions.name}")
     return engine
+
+
+def _create_tables(engine: Engine, attempts: int = 5) -> None:
+    """`create_all`, safe when several replicas open a new store at once: its check-then-create
+    is not atomic, and the loser of the race gets "already exists" (SQLite) or a duplicate key in
+    the catalogue (PostgreSQL); it checks again and finds the tables."""
+    for attempt in range(attempts):
+        try:
+            metadata.create_all(engine)
+            return
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError, sa.exc.IntegrityError) as exc:
+            text = str(exc.orig if exc.orig is not None else exc).lower()
+            if attempt == attempts - 1 or not ("already exists" in text or "duplicate key" in text):
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 # -- the socket protocol between the server and its writer process (see kd_ops.log_writer) ----

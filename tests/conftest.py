@@ -17,6 +17,8 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_HOME}/default.db")
 
 from kd_ops.env import apply_offline_defaults  # noqa: E402
 
+from .postgres import postgres  # noqa: E402, F401  (the session-wide PostgreSQL fixture)
+
 apply_offline_defaults()
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,6 @@
-"""The prediction log against a real SQLite file: group commit, isolation of a refused write,
-feedback all-or-nothing, and the window reads the monitors use."""
+"""The prediction log against a real SQLite file and a real PostgreSQL (`tests/postgres.py`):
+group commit, isolation of a refused write, feedback all-or-nothing, and the window reads the
+monitors use."""
 
 from __future__ import annotations
 
@@ -24,8 +25,22 @@ from kd_ops.prediction_log import (
 )
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path) -> str:
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres").database()
+    return f"sqlite:///{tmp_path}/sub/p.db"
+
+
 @pytest.fixture
-def plog(tmp_path):
+def plog(store_url):
+    log = PredictionLog.open_sync(store_url)
+    yield log
+    log.close()
+
+
+@pytest.fixture
+def sqlite_log(tmp_path):
     log = PredictionLog.open_sync(f"sqlite:///{tmp_path}/sub/p.db")
     yield log
     log.close()
@@ -38,11 +53,11 @@ def _batch(n: int, version: str = "1", name: str = "m", seed: int = 0) -> list[d
     return prediction_rows(prediction_batch(name, version, x, probs, [{"ink": "low"}] * n))
 
 
-def test_store_is_sqlite_in_wal_mode_with_full_sync(plog, tmp_path):
-    plog.write(predictions, _batch(1))
+def test_store_is_sqlite_in_wal_mode_with_full_sync(sqlite_log, tmp_path):
+    sqlite_log.write(predictions, _batch(1))
     with sqlite3.connect(tmp_path / "sub" / "p.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    with plog.engine.connect() as conn:
+    with sqlite_log.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
 
 
@@ -54,8 +69,18 @@ def test_concurrent_writes_are_group_committed_and_all_stored(plog):
     assert plog.commits < 2000  # writes that arrived during a commit shared the next one
 
 
-def test_a_refused_write_fails_alone_and_stores_nothing_of_its_own(tmp_path):
-    url = f"sqlite:///{tmp_path}/p.db"
+def test_replicas_opening_a_new_store_at_once_all_succeed(store_url):
+    """Serving replicas start together on an empty store: creating the tables must not race."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        engines = list(pool.map(lambda _: open_store(store_url), range(8)))
+    for engine in engines:
+        engine.dispose()
+    assert read_predictions(store_url).empty
+
+
+def test_a_refused_write_fails_alone_and_stores_nothing_of_its_own(store_url):
+    url = store_url
+    PredictionLog.open_sync(url).close()  # the tables
     committer = Committer(url)
     orphan = {"prediction_id": "nope", "teacher_uri": "t", "probabilities": [1.0], "predicted_class": 0}
     # One batch: the foreign key refuses the shadow row; the predictions beside it still commit.

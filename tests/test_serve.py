@@ -64,9 +64,17 @@ def start_server(registry, tmp_path: Path, *args: str, store: str | None = None)
     return Served(proc, url, store)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path) -> str:
+    """The prediction log: a SQLite file, or a database on a real PostgreSQL (`tests/postgres.py`)."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres").database()
+    return f"sqlite:///{tmp_path}/predictions.db"
+
+
 @pytest.fixture
-def server(registry, tmp_path):
-    served = start_server(registry, tmp_path, "--poll-interval", "0.5")
+def server(registry, tmp_path, store):
+    served = start_server(registry, tmp_path, "--poll-interval", "0.5", store=store)
     yield served
     served.proc.stop()
 
@@ -236,8 +244,8 @@ def test_hot_swap_fails_no_request_and_each_prediction_names_its_version(server,
     assert {"from": registry["v1"], "to": registry["v2"]}.items() <= health["alias_watch"]["swaps"][0].items()
 
 
-def test_sigkill_while_clients_send_loses_no_answered_prediction(registry, tmp_path):
-    served = start_server(registry, tmp_path)
+def test_sigkill_while_clients_send_loses_no_answered_prediction(registry, tmp_path, store):
+    served = start_server(registry, tmp_path, store=store)
     rows = registry["x"][:64].tolist()  # batches big enough that a commit takes a few milliseconds
     stop, answered, failures = threading.Event(), [], []
     clients = [
@@ -261,9 +269,9 @@ def test_sigkill_while_clients_send_loses_no_answered_prediction(registry, tmp_p
         assert restarted.predict(registry["x"][:1]).status_code == 200
         stored = set(read_predictions(served.store)["id"])
         assert acked <= stored, f"{len(acked - stored)} answered predictions missing from the log"
-        db = served.store.removeprefix("sqlite:///")
-        with sqlite3.connect(db) as conn:
-            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        if served.store.startswith("sqlite:///"):
+            with sqlite3.connect(served.store.removeprefix("sqlite:///")) as conn:
+                assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         restarted.proc.stop()
 
