@@ -107,6 +107,10 @@ class DistillConfig(_Section):
 class TrainConfig(_Section):
     accelerator: str = "cpu"
     devices: int | str = 1
+    strategy: str = Field(
+        "auto", description="Lightning strategy: ddp, ddp_spawn (CPU processes with gloo), fsdp, deepspeed, ..."
+    )
+    num_nodes: int = Field(1, ge=1, description="machines in a multi-node Lightning run")
     deterministic: bool = True
     progress_bar: bool = True
 

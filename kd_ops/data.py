@@ -91,24 +91,26 @@ def _contrast(x: np.ndarray, ds: RawDataset, rng: np.random.Generator) -> np.nda
     return mean + 0.5 * (x - mean)
 
 
-def corrupt_some(kinds: list[str], share: float, ds: RawDataset, seed: int = 0):
+class corrupt_some:  # noqa: N801 - used like a function: corrupt_some(kinds, share, ds)(batch)
     """A batch augmentation: `share` of the rows of each batch get one of the corruptions `kinds`,
     drawn per row. Trains a teacher that still reads the traffic a deployed student will meet
-    (the premise of re-distillation: the teacher labels drifted inputs the student misreads)."""
-    fns = [CORRUPTIONS.get(k) for k in kinds]
-    rng = np.random.default_rng(seed)
+    (the premise of re-distillation: the teacher labels drifted inputs the student misreads).
+    A class, not a closure, so that DDP's spawned processes can receive it."""
 
-    def corrupt(x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, kinds: list[str], share: float, ds: RawDataset, seed: int = 0):
+        self.kinds, self.share, self.ds = list(kinds), share, ds
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        fns = [CORRUPTIONS.get(k) for k in self.kinds]
         rows = x.detach().cpu().numpy().copy()
-        pick = rng.random(len(rows)) < share
-        which = rng.integers(0, len(fns), len(rows))
+        pick = self.rng.random(len(rows)) < self.share
+        which = self.rng.integers(0, len(fns), len(rows))
         for i, fn in enumerate(fns):
             sel = pick & (which == i)
             if sel.any():
-                rows[sel] = fn(rows[sel], ds, rng)
+                rows[sel] = fn(rows[sel], self.ds, self.rng)
         return torch.as_tensor(rows, dtype=x.dtype, device=x.device)
-
-    return corrupt
 
 
 @dataclass
@@ -267,7 +269,12 @@ class DistillDataModule(L.LightningDataModule):
             torch.from_numpy(self.raw.x[rows]), torch.from_numpy(self.raw.y[rows]), torch.from_numpy(rows)
         )
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=gen)
+        # Under DDP each process loads its share of every batch: the effective batch, and so the
+        # number of optimizer steps, stays what the config says whatever the number of processes.
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        batch = max(1, self.cfg.batch_size // world)
+        return DataLoader(ds, batch_size=batch, shuffle=shuffle, generator=gen)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.role, shuffle=True)

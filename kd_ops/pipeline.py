@@ -80,6 +80,8 @@ def _trainer(cfg: ExperimentConfig, epochs: int, run_id: str) -> L.Trainer:
         max_epochs=epochs,
         accelerator=cfg.train.accelerator,
         devices=cfg.train.devices,
+        strategy=cfg.train.strategy,
+        num_nodes=cfg.train.num_nodes,
         logger=MLFlowLogger(tracking_uri=cfg.tracking.uri, run_id=run_id),
         enable_checkpointing=False,
         enable_progress_bar=cfg.train.progress_bar,
