@@ -10,8 +10,8 @@ the store afterwards (every acknowledged row must be there).
   postgres   a throw-away PostgreSQL cluster on 127.0.0.1 (Debian's binaries, `flows.processes.Postgres`),
              fsync on
 
-The teacher-output cache with 1 and 2 processes (distributed inference) is not measured yet: it
-needs the DDP path of issue 8.
+Also: the teacher-output cache computed by 1 process and by 2 (`kd_ops.distributed`, DDP over
+gloo), for mnist5k's transfer rows and the CNN teacher of `examples/mnist5k.yaml`.
 
     python bench/scale.py                     # ~3 minutes on 2 cores
 """
@@ -72,6 +72,34 @@ def measure(url: str, writers: int, seconds: float, in_flight: int) -> tuple[flo
     return acked / seconds, acked
 
 
+def cache_seconds(processes: int, rounds: int) -> list[float]:
+    """Seconds to compute the teacher outputs of mnist5k's transfer set with 1 or 2 processes."""
+    import torch
+    import yaml
+    from shared import ROOT
+
+    from kd_ops.cache import compute_teacher_outputs
+    from kd_ops.config import DataConfig, TeacherConfig, TrainConfig
+    from kd_ops.data import DistillDataModule
+    from kd_ops.distributed import distributed_teacher_outputs
+    from kd_ops.pipeline import _new_model
+
+    raw = yaml.safe_load((ROOT / "examples" / "mnist5k.yaml").read_text())
+    dm = DistillDataModule(DataConfig(name="mnist5k"), 0)
+    dm.setup()
+    teacher = _new_model(TeacherConfig(**{k: raw["teacher"][k] for k in ("model", "params")}), dm, 0).eval()
+    x = torch.as_tensor(dm.raw.x[dm.splits.transfer])
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        if processes == 1:
+            compute_teacher_outputs(teacher, x)
+        else:
+            distributed_teacher_outputs(teacher, x, TrainConfig(devices=processes, strategy="ddp_spawn"))
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--writers", default="1,4,16")
@@ -104,6 +132,7 @@ def main() -> None:
                     print(f"{store:>8} {n:>2} writers: {statistics.fmean(rates):8.0f} rows/s", file=sys.stderr)
     finally:
         pg.stop()
+    cache = {n: cache_seconds(n, args.rounds) for n in (1, 2)}
 
     def ms(v: list[float]) -> str:
         return f"{statistics.fmean(v):,.0f} ± {statistics.stdev(v) if len(v) > 1 else 0:,.0f}"
@@ -120,9 +149,20 @@ def main() -> None:
         p = next(r for r in rows if r["writers"] == n and r["store"] == "postgres")
         complete = "yes" if s["complete"] and p["complete"] else "NO"
         lines.append(f"| {n} | {ms(s['rows_per_s'])} | {ms(p['rows_per_s'])} | {complete} |")
+    lines += [
+        "",
+        f"Teacher-output cache of mnist5k's transfer set (CNN teacher of mnist5k.yaml), {args.rounds} rounds:",
+        "",
+        "| processes | seconds |",
+        "| --- | --- |",
+        *(
+            f"| {n} | {statistics.fmean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f} |"
+            for n, v in cache.items()
+        ),
+    ]
     text = "\n".join(lines)
     print(text)
-    save_results(args.out, text, {"args": vars(args), "rows": rows})
+    save_results(args.out, text, {"args": vars(args), "rows": rows, "cache_seconds": cache})
 
 
 if __name__ == "__main__":

@@ -111,6 +111,16 @@ class TrainConfig(_Section):
         "auto", description="Lightning strategy: ddp, ddp_spawn (CPU processes with gloo), fsdp, deepspeed, ..."
     )
     num_nodes: int = Field(1, ge=1, description="machines in a multi-node Lightning run")
+
+    @model_validator(mode="after")
+    def _fsdp_needs_a_gpu(self) -> "TrainConfig":
+        if self.strategy.startswith("fsdp") and self.accelerator == "cpu":
+            raise ValueError(
+                f"train.strategy = {self.strategy!r} needs a GPU: Lightning's FSDP refuses train.accelerator = 'cpu'"
+                " (use ddp or ddp_spawn on CPU, or set train.accelerator: gpu)"
+            )
+        return self
+
     deterministic: bool = True
     progress_bar: bool = True
 

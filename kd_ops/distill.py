@@ -178,7 +178,7 @@ class DistillationModule(L.LightningModule):
         x, y = self._augment(x, y)
         logits, losses = self.forward_train(x, y, index)
         loss = sum(losses.values())
-        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         self._accumulate(losses)
         return loss
 
@@ -198,13 +198,14 @@ class DistillationModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self._epoch_steps:
-            self.log_dict({f"train_loss_{k}": v / self._epoch_steps for k, v in self._epoch_terms.items()})
+            terms = {f"train_loss_{k}": v / self._epoch_steps for k, v in self._epoch_terms.items()}
+            self.log_dict(terms, sync_dist=True)
 
     def validation_step(self, batch, batch_idx):
         x, y, _ = batch
         logits = self.student(x)
-        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, on_epoch=True)
-        self.log("val_accuracy", (logits.argmax(1) == y).float().mean(), prog_bar=True, on_epoch=True)
+        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, on_epoch=True, sync_dist=True)
+        self.log("val_accuracy", (logits.argmax(1) == y).float().mean(), prog_bar=True, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]  # student, connectors, embedding heads

@@ -256,6 +256,12 @@ def _teacher_outputs(
     cache = TeacherCache(cache_cfg.dir)
 
     def compute() -> dict[str, torch.Tensor]:
+        from kd_ops.distributed import distributed_teacher_outputs, world_size
+
+        processes = world_size(ctx.cfg.train)
+        mlflow.set_tag("kd_ops.teacher_cache_processes", str(processes))
+        if processes > 1:  # computed by every process, merged and written once by this one
+            return distributed_teacher_outputs(teacher, x, ctx.cfg.train, paths)
         if not paths:
             return compute_teacher_outputs(teacher, x)
         with tapped(teacher, paths, "teacher") as tap:

@@ -95,7 +95,7 @@ class MutualModule(DistillationModule):
             for i, z in enumerate(logits)
         }
         total = sum(losses.values())
-        self.log("train_loss", total, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train_loss", total, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         self._accumulate(losses)
         return total
 
@@ -109,7 +109,7 @@ class MutualModule(DistillationModule):
             logits = peer(x)
             self._val_correct[i] += (logits.argmax(1) == y).sum().cpu()
             if i == 0:
-                self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, on_epoch=True)
+                self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, on_epoch=True, sync_dist=True)
         self._val_seen += len(y)
 
     def on_validation_epoch_end(self) -> None:

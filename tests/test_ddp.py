@@ -1,5 +1,6 @@
 """Distillation with Lightning's DDP over 2 CPU processes (gloo, `ddp_spawn`), end to end: it
-completes, MLflow gets one set of runs and one version, and the accuracy matches one process."""
+completes, MLflow gets one set of runs and one version, the accuracy matches one process, and
+the teacher-output cache is computed by both processes and written once."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _distil(tmp_path, name: str, **train):
         train={"progress_bar": False, **train},
         teacher={"epochs": 6, "augment": ["noise"]},  # the augmentation must survive the spawn
         student={"epochs": 12},
-        distill={"baseline": False},
+        distill={"baseline": False, "cache": {"dir": str(tmp_path / name / "cache")}},
     )
     return uri, run_distillation(config_from_dict(raw, name))
 
@@ -38,6 +39,34 @@ def test_ddp_over_two_processes_matches_one_process(tmp_path):
     epochs = client.get_metric_history(ddp.runs["student"], "train_loss")
     assert len(epochs) == 12  # one point per epoch: the other rank logged nothing
     assert client.get_run(ddp.runs["parent"]).data.params["train.strategy"] == "ddp_spawn"
+    student_tags = client.get_run(ddp.runs["student"]).data.tags
+    assert student_tags["kd_ops.teacher_cache"] == "miss" and student_tags["kd_ops.teacher_cache_processes"] == "2"
+    assert len(list((tmp_path / "ddp" / "cache").glob("*.pt"))) == 1  # written once, by the main process
     # Same effective batch, same number of steps: the same accuracy, within the noise of a tiny run.
     for role in ("teacher", "student"):
         assert abs(ddp.metrics[role]["test_accuracy"] - single.metrics[role]["test_accuracy"]) < 0.08, role
+
+
+def test_distributed_teacher_outputs_equal_one_process_row_for_row():
+    import torch
+
+    from kd_ops.cache import compute_teacher_outputs
+    from kd_ops.config import DataConfig, TeacherConfig, TrainConfig
+    from kd_ops.data import DistillDataModule
+    from kd_ops.distributed import distributed_teacher_outputs
+    from kd_ops.pipeline import _new_model
+    from kd_ops.taps import tapped
+
+    dm = DistillDataModule(DataConfig(name="digits"), 0)
+    dm.setup()
+    teacher = _new_model(TeacherConfig(model="cnn", params={"channels": [8, 16], "hidden": 32}), dm, 0).eval()
+    x = torch.as_tensor(dm.raw.x[dm.splits.transfer][:301])  # 301 rows in batches of 40: padded shards
+    path = "net.features.1"
+    with tapped(teacher, [path], "teacher") as tap:
+        one = compute_teacher_outputs(teacher, x, features=lambda _: dict(tap.features))
+    two = distributed_teacher_outputs(
+        teacher, x, TrainConfig(accelerator="cpu", devices=2, strategy="ddp_spawn"), [path], batch_size=40
+    )
+    assert set(two) == set(one) == {"logits", f"feat:{path}"}
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-5)

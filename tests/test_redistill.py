@@ -63,3 +63,9 @@ def test_redistill_settings_are_checked():
         config_from_dict({"redistill": {"holdout_fraction": 1.5}}, "t")
     with pytest.raises(ConfigError, match=r"monitor.cron = 'often'"):
         config_from_dict({"monitor": {"cron": "often"}}, "t")
+
+
+def test_fsdp_on_cpu_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"train.strategy = 'fsdp' needs a GPU"):
+        config_from_dict({"train": {"strategy": "fsdp", "devices": 2}}, "t")
+    assert config_from_dict({"train": {"strategy": "ddp_spawn", "devices": 2}}, "t").train.num_nodes == 1
