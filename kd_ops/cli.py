@@ -58,15 +58,17 @@ def _quiet_libraries(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # torch/lightning internals, not the user's
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """`--set` overrides, with `--tracking-uri` as the last one."""
+    return list(args.set or []) + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
+
+
 def _config(args: argparse.Namespace):
     """The experiment config with `--set` and `--tracking-uri` applied; None (message printed) if invalid."""
     from kd_ops.config import ConfigError, load_config
 
-    overrides = list(args.set or [])
-    if args.tracking_uri:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
     try:
-        return load_config(args.config, overrides)
+        return load_config(args.config, _overrides(args))
     except ConfigError as exc:
         print(f"kd-ops: {exc}", file=sys.stderr)
         return None
@@ -298,7 +300,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return EXIT_CONFIG
-    overrides = list(args.set or []) + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
+    overrides = _overrides(args)
     from flows.deploy import check_api, deployments, serve
 
     api = _run_quietly(check_api)
@@ -329,7 +331,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"kd-ops: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    overrides = list(args.set or []) + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
+    overrides = _overrides(args)
     # Every cell's config is checked before anything runs: a typo fails in one line, not in a worker.
     from kd_ops.config import load_config
     from kd_ops.sweep import as_overrides
@@ -362,6 +364,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
 
 
+def _config_options(
+    p: argparse.ArgumentParser,
+    json_help: str | None = "print one JSON object",
+    set_help: str = "override a config key (repeatable)",
+) -> None:
+    """`--set`, `--tracking-uri` and (unless `json_help` is None) `--json`, as every config command has them."""
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+    if json_help is not None:
+        p.add_argument("--json", action="store_true", help=json_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-ops", description="Knowledge distillation as a production loop.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -370,9 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train teacher, baseline and distilled student; register the student")
     p.add_argument("config", help="experiment YAML file")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
-    p.add_argument("--json", action="store_true", help="print one JSON object with metrics, runs and registration")
+    _config_options(p, json_help="print one JSON object with metrics, runs and registration")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("evaluate", help="score a model URI on a split: quality, slices, robustness, efficiency")
@@ -382,9 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="a teacher model URI: adds agreement, retention, compression, speedup")
     p.add_argument("--edge", action="store_true", help="also score ONNX and int8 ONNX exports (onnxruntime)")
     p.add_argument("--log", action="store_true", help="log the evaluation as an MLflow run")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _config_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     for name, func, helptext in (
@@ -409,9 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="prediction log URL (overrides monitor.store)")
     p.add_argument("--no-alerts", action="store_true", help="judge and record, but send no alert")
     p.add_argument("--no-record", action="store_true", help="no MLflow run, no Evidently workspace entry")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _config_options(p)
     p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("serve", help="serve NAME@ALIAS over HTTP, logging every prediction; swaps in new champions")
@@ -438,15 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("redistill", help="distil a new student on teacher-labelled recent traffic; promote if better")
     p.add_argument("config", help="experiment YAML (its registry, monitor.store and redistill sections apply)")
     p.add_argument("--ignore-cooldown", action="store_true", help="run even within redistill.cooldown_minutes")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _config_options(p)
     p.set_defaults(func=cmd_redistill)
 
     p = sub.add_parser("deploy", help="serve the Prefect deployments: scheduled monitor, redistill on drift and weekly")
     p.add_argument("config", help="experiment YAML (monitor.cron/interval_minutes and redistill.* apply)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
+    _config_options(p, json_help=None)
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("sweep", help="a grid of distillations as parallel Prefect tasks (Dask), ranked in MLflow")
@@ -454,9 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="values to try for a key (repeatable)")
     p.add_argument("--metric", default="test_accuracy", help="student metric to rank by (default test_accuracy)")
     p.add_argument("--workers", type=int, default=2, help="Dask worker processes (default 2)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every cell")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _config_options(p, set_help="override a config key for every cell")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="the whole loop on bundled data: distil, serve, drift, alert, redistill, promote")
