@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from shared import RESULTS, ROOT, save_results  # bench/shared.py (bench/ is on sys.path when run)
+from shared import RESULTS, ROOT, mean_std, save_results  # bench/shared.py (bench/ is on sys.path when run)
 
 # Below this loss the recovery ratio is noise: 1000 rows drawn from a 360-row test split measure
 # an accuracy to about one point, and a difference of two to about 1.5.
@@ -124,13 +123,6 @@ def main() -> None:
                 print(json.dumps({"seed": seed, "scenario": scenario, **runs[scenario]}), file=sys.stderr)
             per_seed.append({"seed": seed, "distill_s": distill_s, "clean_old": clean_old, "runs": runs})
 
-    def ms(values: list[float], fmt: str = ".3f") -> str:
-        vals = [v for v in values if not (isinstance(v, float) and np.isnan(v))]
-        if not vals:
-            return "-"
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return f"{statistics.fmean(vals):{fmt}} ± {sd:{fmt}}"
-
     lines = [
         f"`python bench/loop.py` ({Path(args.config).name}, seeds {seeds}, {args.rows} drifted rows logged per"
         " scenario, accuracy on 1000 fresh rows of the scenario; no feedback label anywhere)",
@@ -142,24 +134,24 @@ def main() -> None:
         rs = [s["runs"][scenario] for s in per_seed]
         statuses = ", ".join(sorted({r["monitor"] for r in rs}))
         lines.append(
-            f"| {scenario} | {statuses} | {ms([r['accuracy']['old'] for r in rs])}"
-            f" | {ms([r['accuracy']['new'] for r in rs])} | {ms([r['accuracy']['teacher'] for r in rs])}"
-            f" | {ms([r['accuracy']['new_clean'] for r in rs])} | {sum(r['promoted'] for r in rs)}/{len(rs)}"
-            f" | {ms([r['recovered'] for r in rs], '.0%')} |"
+            f"| {scenario} | {statuses} | {mean_std([r['accuracy']['old'] for r in rs])}"
+            f" | {mean_std([r['accuracy']['new'] for r in rs])} | {mean_std([r['accuracy']['teacher'] for r in rs])}"
+            f" | {mean_std([r['accuracy']['new_clean'] for r in rs])} | {sum(r['promoted'] for r in rs)}/{len(rs)}"
+            f" | {mean_std([r['recovered'] for r in rs], '.0%')} |"
         )
     lines += [
         "",
-        f"Old champion on clean rows: {ms([s['clean_old'] for s in per_seed])}. Recovered = (served - old) / (old on"
-        f" clean - old), where served is the new champion if promoted, else the old; left out (-) where the scenario"
-        f" cost the champion less than {MIN_LOSS:.0%}.",
+        f"Old champion on clean rows: {mean_std([s['clean_old'] for s in per_seed])}. Recovered = (served - old)"
+        f" / (old on clean - old), where served is the new champion if promoted, else the old; left out (-) where"
+        f" the scenario cost the champion less than {MIN_LOSS:.0%}.",
         "",
         "| stage | seconds |",
         "| --- | --- |",
-        f"| distill (teacher + student, first champion) | {ms([s['distill_s'] for s in per_seed], '.1f')} |",
+        f"| distill (teacher + student, first champion) | {mean_std([s['distill_s'] for s in per_seed], '.1f')} |",
     ]
     for stage in ("traffic", "monitor", "redistill", "evaluate"):
         values = [r["seconds"][stage] for s in per_seed for r in s["runs"].values()]
-        lines.append(f"| {stage} (per scenario) | {ms(values, '.1f')} |")
+        lines.append(f"| {stage} (per scenario) | {mean_std(values, '.1f')} |")
     text = "\n".join(lines)
     print(text)
     save_results(args.out, text, {"args": vars(args), "seeds": per_seed})

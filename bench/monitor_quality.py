@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from shared import RESULTS, ROOT, digits_recipe, save_results  # bench/shared.py (bench/ is on sys.path when run)
+from shared import (  # bench/shared.py (bench/ is on sys.path when run)
+    RESULTS,
+    ROOT,
+    digits_recipe,
+    mean_std,
+    save_results,
+)
 
 SCENARIOS = ("noise", "shift", "contrast", "prior_shift", "slice_noise")
 
@@ -151,12 +156,6 @@ def main() -> None:
             )
             print(json.dumps(per_seed[-1]), file=sys.stderr)
 
-    def ms(values: list[float]) -> str:
-        vals = [v for v in values if not np.isnan(v)]
-        if not vals:
-            return "-"
-        return f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
-
     lines = [
         f"`python bench/monitor_quality.py` (digits, seeds {seeds}, {args.rows} rows per window, labels on"
         f" {args.labelled:.0%} and shadow scores on {args.shadowed:.0%} of rows, {args.clean_windows} clean windows,"
@@ -166,15 +165,15 @@ def main() -> None:
         "| --- | --- | --- | --- | --- |",
     ]
     nd = [s["runs"]["no drift"] for s in per_seed]
-    false_alarms, warns = ms([r["false_alarm_rate"] for r in nd]), ms([r["warn_rate"] for r in nd])
+    false_alarms, warns = mean_std([r["false_alarm_rate"] for r in nd]), mean_std([r["warn_rate"] for r in nd])
     clean_signals = ", ".join(sorted({sig for r in nd for sig in r["signals"]})) or "-"
     lines.append(f"| no drift | - | - | {false_alarms} (warn {warns}) | {clean_signals} |")
     for scenario in SCENARIOS:
         rs = [s["runs"][scenario] for s in per_seed]
         signals = sorted({sig for r in rs for sig in r["signals"]})
         lines.append(
-            f"| {scenario} | {ms([r['detected'] for r in rs])} | {ms([r['delay'] for r in rs])}"
-            f" | {ms([r['false_alarms_before'] for r in rs])} | {', '.join(signals)} |"
+            f"| {scenario} | {mean_std([r['detected'] for r in rs])} | {mean_std([r['delay'] for r in rs])}"
+            f" | {mean_std([r['false_alarms_before'] for r in rs])} | {', '.join(signals)} |"
         )
     lines += [
         "",
@@ -183,7 +182,7 @@ def main() -> None:
     ]
     lines += ["| estimator | MAE |", "| --- | --- |"]
     for name in per_seed[0]["estimate_mae"]:
-        lines.append(f"| {name} | {ms([s['estimate_mae'][name] for s in per_seed])} |")
+        lines.append(f"| {name} | {mean_std([s['estimate_mae'][name] for s in per_seed])} |")
     text = "\n".join(lines)
     print(text)
     save_results(args.out, text, {"args": vars(args), "seeds": per_seed})

@@ -28,7 +28,7 @@ import tempfile
 import time
 
 import numpy as np
-from shared import RESULTS, save_results  # bench/shared.py (bench/ is on sys.path when run)
+from shared import RESULTS, mean_std, save_results  # bench/shared.py (bench/ is on sys.path when run)
 
 
 def _writer(url: str, seconds: float, in_flight: int, seed: int, out: mp.Queue) -> None:
@@ -134,9 +134,6 @@ def main() -> None:
         pg.stop()
     cache = {n: cache_seconds(n, args.rounds) for n in (1, 2)}
 
-    def ms(v: list[float]) -> str:
-        return f"{statistics.fmean(v):,.0f} ± {statistics.stdev(v) if len(v) > 1 else 0:,.0f}"
-
     lines = [
         f"`python bench/scale.py` (one-row writes, {args.in_flight} in flight per writer process,"
         f" {args.seconds:g} s per round, {args.rounds} rounds, {os.cpu_count()} cores shared by writers and database)",
@@ -148,17 +145,16 @@ def main() -> None:
         s = next(r for r in rows if r["writers"] == n and r["store"] == "sqlite")
         p = next(r for r in rows if r["writers"] == n and r["store"] == "postgres")
         complete = "yes" if s["complete"] and p["complete"] else "NO"
-        lines.append(f"| {n} | {ms(s['rows_per_s'])} | {ms(p['rows_per_s'])} | {complete} |")
+        lines.append(
+            f"| {n} | {mean_std(s['rows_per_s'], ',.0f')} | {mean_std(p['rows_per_s'], ',.0f')} | {complete} |"
+        )
     lines += [
         "",
         f"Teacher-output cache of mnist5k's transfer set (CNN teacher of mnist5k.yaml), {args.rounds} rounds:",
         "",
         "| processes | seconds |",
         "| --- | --- |",
-        *(
-            f"| {n} | {statistics.fmean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f} |"
-            for n, v in cache.items()
-        ),
+        *(f"| {n} | {mean_std(v, '.2f')} |" for n, v in cache.items()),
     ]
     text = "\n".join(lines)
     print(text)

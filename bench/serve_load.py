@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from shared import RESULTS, digits_recipe, save_results  # bench/shared.py (bench/ is on sys.path when run)
+from shared import RESULTS, digits_recipe, mean_std, save_results  # bench/shared.py (bench/ is on sys.path when run)
 
 VARIANTS = ("kd-ops, log on", "kd-ops, log off", "mlflow models serve")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -143,11 +143,6 @@ async def _load(server: Server, clients: int, warmup: float, seconds: float) -> 
     }
 
 
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):,.0f} ± {std:,.0f}"
-
-
 def report(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     lines = [
         f"`python bench/serve_load.py --clients {args.clients} --batch {args.batch} --seconds {args.seconds:g}"
@@ -165,7 +160,8 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         p50 = statistics.median(r["p50_ms"] for r in runs)
         p99 = statistics.median(r["p99_ms"] for r in runs)
         lines.append(
-            f"| {clients} | {variant} | {_mean_std(rows_per_s[key])} | {_mean_std([r['requests_per_s'] for r in runs])}"
+            f"| {clients} | {variant} | {mean_std(rows_per_s[key], ',.0f')}"
+            f" | {mean_std([r['requests_per_s'] for r in runs], ',.0f')}"
             f" | {p50:.2f} | {p99:.2f} | {sum(r['errors'] for r in runs)} |"
         )
     lines.append("")

@@ -4,6 +4,8 @@ results are written (`<out>.md` for people, `<out>.json` for tools)."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +36,13 @@ def save_results(out: str, text: str, payload: dict[str, Any]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.md").write_text(text + "\n")
     Path(f"{out}.json").write_text(json.dumps(payload, indent=1, default=str))
+
+
+def mean_std(values: list[float], fmt: str = ".3f") -> str:
+    """`mean ± std` over seeds or rounds (std 0 for one value); NaN entries are left out, and
+    nothing left gives "-"."""
+    vals = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "-"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.fmean(vals):{fmt}} ± {sd:{fmt}}"
