@@ -17,7 +17,7 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_HOME}/default.db")
 
 from kd_ops.env import apply_offline_defaults  # noqa: E402
 
-from .postgres import postgres  # noqa: E402, F401  (the session-wide PostgreSQL fixture)
+from .postgres import postgres, store_url  # noqa: E402, F401  (PostgreSQL fixtures)
 
 apply_offline_defaults()
 

@@ -1,5 +1,5 @@
 """A real PostgreSQL for tests (`flows.processes.Postgres`): one throw-away cluster per session,
-one database per test that asks."""
+one database per test that asks; and `store_url`, which runs a test once on SQLite and once on it."""
 
 from __future__ import annotations
 
@@ -16,3 +16,11 @@ def postgres():
     server = Postgres(bin_dir)
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path) -> str:
+    """A prediction-log URL: a SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres").database()
+    return f"sqlite:///{tmp_path}/store/predictions.db"

@@ -25,13 +25,6 @@ from kd_ops.prediction_log import (
 )
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "postgres":
-        return request.getfixturevalue("postgres").database()
-    return f"sqlite:///{tmp_path}/sub/p.db"
-
-
 @pytest.fixture
 def plog(store_url):
     log = PredictionLog.open_sync(store_url)

@@ -64,17 +64,10 @@ def start_server(registry, tmp_path: Path, *args: str, store: str | None = None)
     return Served(proc, url, store)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path) -> str:
-    """The prediction log: a SQLite file, or a database on a real PostgreSQL (`tests/postgres.py`)."""
-    if request.param == "postgres":
-        return request.getfixturevalue("postgres").database()
-    return f"sqlite:///{tmp_path}/predictions.db"
-
-
 @pytest.fixture
-def server(registry, tmp_path, store):
-    served = start_server(registry, tmp_path, "--poll-interval", "0.5", store=store)
+def server(registry, tmp_path, store_url):
+    """A server logging to SQLite, then to PostgreSQL (`store_url`, tests/postgres.py)."""
+    served = start_server(registry, tmp_path, "--poll-interval", "0.5", store=store_url)
     yield served
     served.proc.stop()
 
@@ -244,8 +237,8 @@ def test_hot_swap_fails_no_request_and_each_prediction_names_its_version(server,
     assert {"from": registry["v1"], "to": registry["v2"]}.items() <= health["alias_watch"]["swaps"][0].items()
 
 
-def test_sigkill_while_clients_send_loses_no_answered_prediction(registry, tmp_path, store):
-    served = start_server(registry, tmp_path, store=store)
+def test_sigkill_while_clients_send_loses_no_answered_prediction(registry, tmp_path, store_url):
+    served = start_server(registry, tmp_path, store=store_url)
     rows = registry["x"][:64].tolist()  # batches big enough that a commit takes a few milliseconds
     stop, answered, failures = threading.Event(), [], []
     clients = [
