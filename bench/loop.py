@@ -28,7 +28,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import yaml
 from shared import RESULTS, ROOT, mean_std, save_results  # bench/shared.py (bench/ is on sys.path when run)
 
@@ -53,7 +52,8 @@ def main() -> None:
     from kd_ops.loading import load_model
     from kd_ops.pipeline import run_distillation
     from kd_ops.prediction_log import PredictionLog, prediction_batch, predictions
-    from kd_ops.redistill import log_probs, predict_classes, run_redistillation
+    from kd_ops.redistill import predict_classes, run_redistillation
+    from kd_ops.reference import probabilities
     from kd_ops.scenarios import sample
     from monitors.monitor import run_monitor
 
@@ -85,7 +85,7 @@ def main() -> None:
                 t = {}
                 t0 = time.perf_counter()
                 x, _ = sample(dm, scenario, args.rows, seed=100 * seed + k)
-                probs = np.exp(np.asarray(log_probs(old, x)))
+                probs = probabilities(old, x)
                 log = PredictionLog.open_sync(cfg.monitor.store)
                 for i in range(0, len(x), 100):
                     batch = prediction_batch(name, v1, x[i : i + 100], probs[i : i + 100], [{}] * len(x[i : i + 100]))

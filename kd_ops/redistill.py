@@ -83,19 +83,18 @@ def teacher_uri_of(client: Any, name: str, version: str) -> str:
     return uri
 
 
-def log_probs(model: Any, x: np.ndarray) -> np.ndarray:
-    from kd_ops.evaluation import model_candidate
-
-    return np.asarray(model_candidate(model, "model").predict(np.asarray(x, dtype=np.float32)))
-
-
 def predict_classes(model: Any, x: np.ndarray) -> np.ndarray:
-    return log_probs(model, x).argmax(axis=1)
+    from kd_ops.reference import probabilities
+
+    return probabilities(model, np.asarray(x, dtype=np.float32)).argmax(axis=1)
 
 
 def teacher_classes(teachers: list[Any], x: np.ndarray) -> np.ndarray:
     """The teacher's class per row; the members of an ensemble vote with their averaged probabilities."""
-    return np.mean([np.exp(log_probs(t, x)) for t in teachers], axis=0).argmax(axis=1)
+    from kd_ops.reference import probabilities
+
+    x = np.asarray(x, dtype=np.float32)
+    return np.mean([probabilities(t, x) for t in teachers], axis=0).argmax(axis=1)
 
 
 MIN_HOLDOUT_ROWS = 20  # fewer recent rows to gate on and the recent-gain gate is a coin toss

@@ -72,7 +72,8 @@ class Reference:
             )
 
 
-def _probabilities(model: Any, x: np.ndarray) -> np.ndarray:
+def probabilities(model: Any, x: np.ndarray) -> np.ndarray:
+    """Class probabilities of any kd-ops model (torch or scikit-learn) for raw rows `x`."""
     from kd_ops.evaluation import model_candidate
 
     # Candidates give logits (torch) or log-probabilities (sklearn): a softmax maps both to probabilities.
@@ -92,8 +93,8 @@ def build_reference(
     return Reference(
         x=x,
         labels=np.asarray(y, dtype=np.int64),
-        probabilities=_probabilities(student, x),
-        teacher_probabilities=_probabilities(teacher, x) if teacher is not None else None,
+        probabilities=probabilities(student, x),
+        teacher_probabilities=probabilities(teacher, x) if teacher is not None else None,
         slices={k: np.asarray(v, dtype=str) for k, v in dm.input_slices().compute(x).items()},
         split=split,
     )
