@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from kd_ops.prediction_log import PredictionLog, prediction_batch, predictions
 from kd_ops.scenarios import sample
 
 from .conftest import tiny_raw
-from .servers import ServerProcess, free_port
+from .servers import mlflow_server
 
 pytestmark = pytest.mark.slow
 NAME = "flow-student"
@@ -260,31 +258,23 @@ def test_a_transient_tracking_failure_is_retried(harness, loop, tmp_path, monkey
 
     from flows.redistill import redistill_flow
 
-    port = free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--workers", "1"]
-    cmd += ["--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    server = ServerProcess(cmd, tmp_path / "server.log", env={"MLFLOW_DISABLE_TELEMETRY": "true"})
-    proxy = None
-    try:
-        server.wait_healthy(f"http://127.0.0.1:{port}/health", lambda r: r.text.strip() == "OK")
+    with mlflow_server(tmp_path) as (_, port):
         proxy = FlakyProxy(port, drop=2)
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # surface the failure to Prefect at once
-        uri = f"http://127.0.0.1:{proxy.port}"
-        state = redistill_flow(loop["config"], [f"tracking.uri={uri}"], return_state=True)
-        assert state.is_failed()
-        with pytest.raises(ConfigError, match=f"registered model '{NAME}' has no version with alias @champion"):
-            state.result()
-        with get_client(sync_client=True) as client:
-            flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-            tasks = {t.name.split("-")[0]: t for t in client.read_task_runs(flow_run_filter=flow_run)}
-        assert proxy.accepted > 2
-        assert tasks["recent_redistillation"].state.is_completed() and tasks["recent_redistillation"].run_count == 3
-        assert tasks["redistill"].state.is_failed() and tasks["redistill"].run_count == 1
-    finally:
-        if proxy:
+        try:
+            monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # surface the failure to Prefect at once
+            uri = f"http://127.0.0.1:{proxy.port}"
+            state = redistill_flow(loop["config"], [f"tracking.uri={uri}"], return_state=True)
+            assert state.is_failed()
+            with pytest.raises(ConfigError, match=f"registered model '{NAME}' has no version with alias @champion"):
+                state.result()
+            with get_client(sync_client=True) as client:
+                flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+                tasks = {t.name.split("-")[0]: t for t in client.read_task_runs(flow_run_filter=flow_run)}
+            assert proxy.accepted > 2
+            assert tasks["recent_redistillation"].state.is_completed() and tasks["recent_redistillation"].run_count == 3
+            assert tasks["redistill"].state.is_failed() and tasks["redistill"].run_count == 1
+        finally:
             proxy.close()
-        server.stop()
 
 
 def test_transient_errors_are_told_apart():

@@ -3,9 +3,6 @@ what the MLflow UI shows is what this API returns."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import requests
 
@@ -14,25 +11,15 @@ from kd_ops.evaluation import COMMON_METRICS
 from kd_ops.pipeline import run_distillation
 
 from .conftest import tiny_raw
-from .servers import ServerProcess, free_port
+from .servers import mlflow_server
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db"]
-    cmd += ["--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    proc = ServerProcess([*cmd, "--workers", "1"], root / "server.log", env={"MLFLOW_DISABLE_TELEMETRY": "true"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_healthy(f"{url}/health", lambda r: r.text.strip() == "OK")
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as (url, _):
         yield url
-    finally:
-        proc.stop()
 
 
 def _api(url: str, path: str, **body):
