@@ -15,11 +15,13 @@ uvloop), each sending the next request as soon as the last is answered, `--batch
 request; `--warmup` seconds unmeasured, then `--seconds` measured. Bounded in time, not in count.
 The client shares the machine's cores with the server, as a sidecar would.
 
-Reports throughput (rows/s, mean ± std over rounds) and latency p50/p99 (medians over rounds),
-checks that the log holds every row the log-on server answered, and writes
-`bench/results/serve_load.json` and `.md`.
+Reports throughput (rows/s) and latency p50/p99, mean ± std over rounds; CPU time (user + system,
+psutil) of each server process and of its children (the log writer) over the measured window, per
+row: CPU µs per prediction (server, log off) and per logged row (writer + the server's extra);
+the disk's fsync latency (with synchronous=FULL it bounds the commit rate); checks that the log
+holds every row the log-on server answered, and writes `bench/results/serve_load.json` and `.md`.
 
-    python bench/serve_load.py                 # 16 and 64 clients, batch 1, 3 rounds of 10 s (~7 minutes)
+    python bench/serve_load.py --repeats 5     # 16 and 64 clients, batch 1, 5 rounds of 10 s (~12 minutes)
     python bench/serve_load.py --batch 32 --out bench/results/serve_load_bs32
 """
 
@@ -30,6 +32,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -103,6 +106,26 @@ class Server:
         self.log.close()
 
 
+def _cpu(pid: int) -> dict[str, float]:
+    """CPU seconds used so far by `pid`, by its children (all descendants), and by this process."""
+    import psutil
+
+    def used(p: psutil.Process) -> float:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            return 0.0
+        return t.user + t.system
+
+    proc = psutil.Process(pid)
+    me = psutil.Process()
+    return {
+        "server": used(proc),
+        "children": sum(used(c) for c in proc.children(recursive=True)),
+        "client": used(me),
+    }
+
+
 async def _load(server: Server, clients: int, warmup: float, seconds: float) -> dict:
     import aiohttp
 
@@ -110,9 +133,19 @@ async def _load(server: Server, clients: int, warmup: float, seconds: float) -> 
     ok = errors = answered_total = 0
     headers = {"Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    cpu: dict[str, float] = {}
     async with aiohttp.ClientSession(connector=connector) as session:
         start = time.perf_counter()
         measure_from, until = start + warmup, start + warmup + seconds
+
+        async def meter() -> None:
+            # CPU seconds (user + system) of the server and of its children (the log writer, mlflow's
+            # workers) over exactly the measured window; the client's own as well, for reference.
+            await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+            before = _cpu(server.proc.pid)
+            await asyncio.sleep(max(0.0, until - time.perf_counter()))
+            after = _cpu(server.proc.pid)
+            cpu.update({k: after[k] - before.get(k, 0.0) for k in after})
 
         async def client() -> None:
             nonlocal ok, errors, answered_total
@@ -132,10 +165,11 @@ async def _load(server: Server, clients: int, warmup: float, seconds: float) -> 
                     else:
                         errors += 1
 
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(meter(), *(client() for _ in range(clients)))
     lat = np.array(latencies) * 1e3
     return {
         "requests_per_s": ok / seconds,
+        "cpu_s": cpu,  # {"server", "children", "client"}: CPU seconds over the measured window
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
         "errors": errors,
@@ -143,40 +177,104 @@ async def _load(server: Server, clients: int, warmup: float, seconds: float) -> 
     }
 
 
+def _us_per_row(run: dict, part: str, args: argparse.Namespace) -> float:
+    """CPU microseconds of `part` ("server", "children") per row answered in the measured window."""
+    rows = run["requests_per_s"] * args.seconds * args.batch
+    return run.get("cpu_s", {}).get(part, float("nan")) / rows * 1e6 if rows else float("nan")
+
+
+def cpu_costs(results: dict[str, list[dict]], clients: int, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Per round (log on and log off paired within a round): CPU us per prediction (the log-off
+    server), and per logged row: the writer's, the server's extra over log off, and their sum."""
+    on, off = results.get(f"{clients} | {VARIANTS[0]}", []), results.get(f"{clients} | {VARIANTS[1]}", [])
+    out: dict[str, list[float]] = {"prediction": [], "writer": [], "server_extra": [], "logged_row": []}
+    for run_on, run_off in zip(on, off):
+        pred = _us_per_row(run_off, "server", args)
+        writer = _us_per_row(run_on, "children", args)
+        extra = _us_per_row(run_on, "server", args) - pred
+        out["prediction"].append(pred)
+        out["writer"].append(writer)
+        out["server_extra"].append(extra)
+        out["logged_row"].append(writer + extra)
+    return out
+
+
 def report(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     lines = [
-        f"`python bench/serve_load.py --clients {args.clients} --batch {args.batch} --seconds {args.seconds:g}"
-        f" --repeats {args.repeats}`: keep-alive clients from one asyncio process, {args.batch} row(s) per"
+        f"`{args.command}`: keep-alive clients from one asyncio process, {args.batch} row(s) per"
         f" request, {args.seconds:g} s measured after {args.warmup:g} s warm-up, {args.repeats} interleaved rounds;"
         f" {os.cpu_count()} cores ({platform.processor() or platform.machine()}), client and servers on the same"
-        " cores; one worker and one torch thread per server.",
+        " cores; one worker and one torch thread per server. fsync of a 12 KiB write on the bench's disk:"
+        f" p50 {args.fsync_ms['p50']:.2f} ms, p90 {args.fsync_ms['p90']:.2f} ms (before the rounds).",
+    ]
+    if args.note:
+        lines += ["", f"Note: {args.note}"]
+    lines += [
         "",
-        "| clients | server | rows/s (mean ± std) | requests/s | p50 ms | p99 ms | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| clients | server | rows/s (mean ± std) | p50 ms | p99 ms | server CPU µs/row | its children's CPU µs/row"
+        " | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     rows_per_s = {key: [r["requests_per_s"] * args.batch for r in runs] for key, runs in results.items()}
     for key, runs in results.items():
         clients, variant = key.split(" | ")
-        p50 = statistics.median(r["p50_ms"] for r in runs)
-        p99 = statistics.median(r["p99_ms"] for r in runs)
         lines.append(
             f"| {clients} | {variant} | {mean_std(rows_per_s[key], ',.0f')}"
-            f" | {mean_std([r['requests_per_s'] for r in runs], ',.0f')}"
-            f" | {p50:.2f} | {p99:.2f} | {sum(r['errors'] for r in runs)} |"
+            f" | {mean_std([r['p50_ms'] for r in runs], '.2f')} | {mean_std([r['p99_ms'] for r in runs], '.2f')}"
+            f" | {mean_std([_us_per_row(r, 'server', args) for r in runs], '.0f')}"
+            f" | {mean_std([_us_per_row(r, 'children', args) for r in runs], '.0f')}"
+            f" | {sum(r['errors'] for r in runs)} |"
         )
+    lines.append("")
+    lines.append(
+        "CPU is user + system time of the server process and of its children (kd-ops: the log writer; mlflow:"
+        " its workers) over the measured window, per row answered in it; the client's is left out."
+    )
     lines.append("")
     for clients in args.client_levels:
         mean = {
             v: statistics.fmean(rows_per_s[f"{clients} | {v}"]) for v in VARIANTS if f"{clients} | {v}" in rows_per_s
         }
         on, off = mean[VARIANTS[0]], mean[VARIANTS[1]]
-        line = f"- {clients} clients: logging costs {1 - on / off:.1%} of throughput (target: at most 10%)"
+        per_round = [
+            1 - a / b
+            for a, b in zip(rows_per_s[f"{clients} | {VARIANTS[0]}"], rows_per_s[f"{clients} | {VARIANTS[1]}"])
+            if b
+        ]
+        line = (
+            f"- {clients} clients: logging costs {1 - on / off:.1%} of throughput (per round {mean_std(per_round, '.1%')};"
+            " target: at most 10%)"
+        )
         if VARIANTS[2] in mean:
             ratio = on / mean[VARIANTS[2]]
             line += f"; kd-ops with logging serves {ratio:.2f}x the rows/s of `mlflow models serve` (target: 2x)"
+        cpu = cpu_costs(results, clients, args)
+        line += (
+            f". CPU per logged row {mean_std(cpu['logged_row'], '.0f')} µs (writer {mean_std(cpu['writer'], '.0f')}"
+            f" + server's extra {mean_std(cpu['server_extra'], '.0f')}) beside {mean_std(cpu['prediction'], '.0f')} µs"
+            " per prediction (server, log off)"
+        )
         lines.append(line)
     lines.append(f"- every row a log-on server answered is in its log: {args.log_complete}")
     return "\n".join(lines)
+
+
+def fsync_ms(folder: Path, n: int = 200) -> dict[str, float]:
+    """How long an fsync takes on the disk the logs are on: with synchronous=FULL it bounds the commit rate."""
+    path = folder / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    times = []
+    try:
+        for i in range(n):
+            os.pwrite(fd, b"x" * 12288, (i % 64) * 12288)
+            t0 = time.perf_counter()
+            os.fsync(fd)
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        os.close(fd)
+        path.unlink()
+    times.sort()
+    return {"p50": times[n // 2], "p90": times[int(n * 0.9)]}
 
 
 def main() -> None:
@@ -189,7 +287,10 @@ def main() -> None:
     parser.add_argument("--skip-mlflow", action="store_true")
     parser.add_argument("--serve-args", default="", help="extra `kd-ops serve` arguments, e.g. '--sqlite-sync NORMAL'")
     parser.add_argument("--out", default=str(RESULTS / "serve_load"), help="path prefix of the .json and .md")
+    parser.add_argument("--note", default="", help="a line for the .md, e.g. that the machine was shared")
     args = parser.parse_args()
+    args.command = "python " + " ".join(shlex.quote(a) for a in ["bench/serve_load.py", *sys.argv[1:]])
+    print(f"command: {args.command}", file=sys.stderr)
 
     from kd_ops.env import apply_offline_defaults
 
@@ -203,6 +304,8 @@ def main() -> None:
     variants = VARIANTS[:2] if args.skip_mlflow else VARIANTS
     with tempfile.TemporaryDirectory(prefix="kd-ops-serve-load-") as tmp:
         root = Path(tmp)
+        args.fsync_ms = fsync_ms(root)
+        print(f"fsync p50 {args.fsync_ms['p50']:.2f} ms, p90 {args.fsync_ms['p90']:.2f} ms", file=sys.stderr)
         print("distilling a digits student to serve ...", file=sys.stderr)
         uri, name, version, x = distil_student(root)
         rows = x[: args.batch].tolist()
@@ -226,7 +329,9 @@ def main() -> None:
                 print(
                     f"round {rnd}: {clients:>3} clients {variant:<20}"
                     f" {out['requests_per_s'] * args.batch:>7,.0f} rows/s,"
-                    f" p50 {out['p50_ms']:.2f} ms, p99 {out['p99_ms']:.2f} ms, errors {out['errors']}",
+                    f" p50 {out['p50_ms']:.2f} ms, p99 {out['p99_ms']:.2f} ms, errors {out['errors']},"
+                    f" CPU µs/row server {_us_per_row(out, 'server', args):.0f}"
+                    f" children {_us_per_row(out, 'children', args):.0f}",
                     file=sys.stderr,
                 )
         args.log_complete = complete

@@ -273,8 +273,8 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
             mlflow.MlflowClient(tracking_uri).get_model_version(name, champion).tags["kd_ops.teacher_model_uri"]
         )
         mlflow.set_tracking_uri(tracking_uri)
-        old = load_model(f"models:/{name}/{reg['version']}")
-        teacher = load_model(teacher_uri.split(",")[0])
+        old = load_model(f"models:/{name}/{reg['version']}", allow_pickle=cfg.allow_pickle)
+        teacher = load_model(teacher_uri.split(",")[0], allow_pickle=cfg.allow_pickle)
         acc_old = float((predict_classes(old, x_test) == y_test).mean())
         acc_new = float((served == y_test).mean())
         acc_teacher = float((predict_classes(teacher, x_test) == y_test).mean())

@@ -33,28 +33,40 @@ def free_port() -> int:
 class Service:
     """`cmd` started in its own session (so a signal reaches its children too), output in `log_path`."""
 
-    def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: str | None = None):
+    def __init__(
+        self, cmd: list[str], log_path: Path, env: dict[str, str | None] | None = None, cwd: str | None = None
+    ):
+        """`env` is added to this process's environment; a None value removes that variable."""
         self.log_path = log_path
         self._log = open(log_path, "a")
+        merged = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
             cmd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={k: v for k, v in merged.items() if v is not None},
             start_new_session=True,
             cwd=cwd,
         )
 
-    def wait_healthy(self, url: str, healthy: Callable[[requests.Response], bool], timeout: float = 180) -> None:
+    def wait_healthy(
+        self,
+        url: str,
+        healthy: Callable[[requests.Response], bool],
+        timeout: float = 180,
+        request_timeout: float = 5,
+    ) -> None:
+        """Poll `url` until `healthy(response)`; any failed request counts as "not yet" until `timeout`,
+        since a server starting on a busy machine can accept a connection and answer late."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ServiceError(f"exited with {self.proc.returncode}: {self.output()[-3000:]}")
             try:
-                if healthy(requests.get(url, timeout=2)):
+                if healthy(requests.get(url, timeout=request_timeout)):
                     return
-            except requests.ConnectionError:
-                pass
+            except requests.RequestException:
+                pass  # refused, reset, a read timeout on a busy machine, a half-written answer: not yet
             time.sleep(0.3)
         self.stop()
         raise ServiceError(f"did not answer {url} within {timeout:.0f} s: {self.output()[-3000:]}")

@@ -59,8 +59,18 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """`--set` overrides, with `--tracking-uri` as the last one."""
-    return list(args.set or []) + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
+    """`--set` overrides, with `--tracking-uri` and then `--allow-pickle` (where the command has it) last."""
+    return (
+        list(args.set or [])
+        + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
+        + (["allow_pickle=true"] if getattr(args, "allow_pickle", False) else [])
+    )
+
+
+ALLOW_PICKLE_HELP = (
+    "load model files whose loading runs code stored in them (pickle models, pt2 with pickled records, "
+    "untrusted skops types); only for models from someone you trust (config: allow_pickle)"
+)
 
 
 def _config(args: argparse.Namespace):
@@ -209,6 +219,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             token=token,
             sqlite_sync=args.sqlite_sync,
+            allow_pickle=args.allow_pickle,
+            allowed_hosts=args.allowed_host,
         )
         import torch
 
@@ -384,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train teacher, baseline and distilled student; register the student")
     p.add_argument("config", help="experiment YAML file")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     _config_options(p, json_help="print one JSON object with metrics, runs and registration")
     p.set_defaults(func=cmd_distill)
 
@@ -394,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="a teacher model URI: adds agreement, retention, compression, speedup")
     p.add_argument("--edge", action="store_true", help="also score ONNX and int8 ONNX exports (onnxruntime)")
     p.add_argument("--log", action="store_true", help="log the evaluation as an MLflow run")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     _config_options(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -426,6 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registered model name")
     p.add_argument("--alias", default="champion", help="alias to serve and watch (default champion)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name the Host header may carry besides --host (repeatable; '*': any); bound to a loopback"
+        " address its names are allowed, bound to 0.0.0.0 or :: at least one is required",
+    )
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--store", default="sqlite:///predictions.db", help="prediction log, a SQLAlchemy URL")
     p.add_argument("--no-log", action="store_true", help="do not log predictions (feedback and shadow then refused)")
@@ -437,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file", help="file with the feedback token (default $KD_OPS_TOKEN, else .kd-ops/serve-token, created)"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads for inference (default 1)")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP + " (the shadow teacher too)")
     p.add_argument(
         "--sqlite-sync", default="FULL", help="SQLite synchronous mode: FULL (default, power-safe) or NORMAL"
     )
@@ -446,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("redistill", help="distil a new student on teacher-labelled recent traffic; promote if better")
     p.add_argument("config", help="experiment YAML (its registry, monitor.store and redistill sections apply)")
     p.add_argument("--ignore-cooldown", action="store_true", help="run even within redistill.cooldown_minutes")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     _config_options(p)
     p.set_defaults(func=cmd_redistill)
 

@@ -6,33 +6,15 @@ its values, while `load_config` still reports every wrong name as a config error
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel, ValidationError
-
 from kd_ops.config import ConfigError, ExperimentConfig, ModelSection
-from kd_ops.registry import UnknownComponentError
-
-
-def _param_errors(schema: type[BaseModel], params: dict[str, Any], key: str, what: str) -> list[str]:
-    try:
-        schema.model_validate(params)
-    except ValidationError as err:
-        out = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-            value = e.get("input") if e["type"] != "missing" else "(missing)"
-            out.append(f"{key}.{loc} = {value!r}: {msg} ({what})")
-        return out
-    return []
+from kd_ops.registry import UnknownComponentError, param_errors
 
 
 def check_components(cfg: ExperimentConfig, source: str) -> None:
     from kd_ops.data import CORRUPTIONS, DATASETS
-    from kd_ops.losses import LOSSES, STRATEGIES, method_names
+    from kd_ops.losses import LOSSES
     from kd_ops.models import MODELS
-    from kd_ops.strategies import STRATEGY_PARAMS
+    from kd_ops.strategies import method_names, strategy_class
 
     problems: list[str] = []
 
@@ -50,37 +32,28 @@ def check_components(cfg: ExperimentConfig, source: str) -> None:
             lookup(CORRUPTIONS, f"{key}.augment.{j}", kind)
 
     method = cfg.distill.method
-    if method in STRATEGIES:
-        if method in STRATEGY_PARAMS:
-            problems += _param_errors(
-                STRATEGY_PARAMS[method], cfg.distill.params, "distill.params", f"method {method!r}"
-            )
-        if method == "sklearn" and not problems:
-            from kd_ops.sklearn_student import SKLEARN_MODELS
-
-            p = STRATEGY_PARAMS[method].model_validate(cfg.distill.params)
-            entry = lookup(SKLEARN_MODELS, "distill.params.model", p.model)
-            if entry is not None:
-                problems += _param_errors(entry.params, p.params, "distill.params.params", f"sklearn model {p.model!r}")
-    elif method in LOSSES:
-        problems += _param_errors(LOSSES.get(method).Params, cfg.distill.params, "distill.params", f"method {method!r}")
-    else:
+    try:
+        strategy = strategy_class(method)
+    except UnknownComponentError:
+        strategy = None
         problems.append(f"distill.method = {method!r}: unknown method; known: {', '.join(method_names())}")
+    else:
+        problems += strategy.problems(cfg)
     for i, spec in enumerate(cfg.distill.losses):
         cls = lookup(LOSSES, f"distill.losses.{i}.name", spec.name)
         if cls is not None:
-            problems += _param_errors(cls.Params, spec.params, f"distill.losses.{i}.params", f"loss {spec.name!r}")
+            problems += param_errors(cls.Params, spec.params, f"distill.losses.{i}.params", f"loss {spec.name!r}")
 
     sections: list[tuple[str, ModelSection]] = [("teacher", cfg.teacher), ("student", cfg.student)]
     sections += [(f"teachers.{i}", t) for i, t in enumerate(cfg.teachers)]
     for key, section in sections:
         if getattr(section, "uri", None):
             continue
-        if method == "sklearn" and key == "student":
-            continue  # the student is a scikit-learn model, described in distill.params
+        if key == "student" and strategy is not None and not strategy.network_student:
+            continue  # e.g. a scikit-learn student, described in distill.params
         entry = lookup(MODELS, f"{key}.model", section.model)
         if entry is not None:
-            problems += _param_errors(entry.params, section.params, f"{key}.params", f"model {section.model!r}")
+            problems += param_errors(entry.params, section.params, f"{key}.params", f"model {section.model!r}")
 
     if raw is not None:
         n_classes = raw().n_classes

@@ -11,6 +11,10 @@ OFFLINE_DEFAULTS = {
     "EVIDENTLY_DISABLE_TELEMETRY": "1",
     "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
     "GIT_PYTHON_REFRESH": "quiet",
+    # MLflow 3.17 unpickles model files unless told not to; kd-ops' own loading (kd_ops.loading)
+    # is pickle-free whatever this says, and this makes MLflow's own paths in a kd-ops process
+    # (pyfunc loads, log_model's input-example check) refuse pickled code as well.
+    "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
 }
 
 

@@ -13,7 +13,10 @@ It logs to the evaluation run `fidelity` (top-1 agreement with the teacher), `kl
 (mean KL of the teacher's distribution to the student's), `student_accuracy`, `teacher_accuracy`,
 `accuracy_retention`, `compression_ratio` (parameters), `size_ratio` (serialized bytes) and
 `speedup` (batch-of-1 p50 latency, one CPU thread), using the same code as kd-ops' own metrics.
-Optional `evaluator_config` keys: `latency_repeats` (default 100).
+Optional `evaluator_config` keys: `latency_repeats` (default 100); `allow_pickle` (default False):
+consent to load a teacher whose file runs code when loaded (a pickle model, a pt2 archive with
+pickled records, skops types kd-ops does not trust), which is refused otherwise. (The student is
+loaded by MLflow itself, under MLflow's own `MLFLOW_ALLOW_PICKLE_DESERIALIZATION`.)
 
 Heavy imports happen inside `evaluate`: MLflow loads this module when it starts.
 """
@@ -47,9 +50,12 @@ class DistillationEvaluator(ModelEvaluator):
         if model is None:
             raise MlflowException("the distillation evaluator needs a student model, not static predictions")
         try:
-            teacher = load_model(teacher_uri)
+            teacher = load_model(teacher_uri, allow_pickle=bool(config.get("allow_pickle", False)))
         except Exception as exc:
-            raise MlflowException(f"evaluator_config['teacher'] = {teacher_uri!r}: cannot load it: {exc}") from None
+            hint = " (here: evaluator_config['allow_pickle'] = True)" if "--allow-pickle" in str(exc) else ""
+            raise MlflowException(
+                f"evaluator_config['teacher'] = {teacher_uri!r}: cannot load it: {exc}{hint}"
+            ) from None
         raw_student = model.get_raw_model() if hasattr(model, "get_raw_model") else None
         student = raw_student if raw_student is not None else model
         x = np.asarray(dataset.features_data, dtype=np.float32)

@@ -49,14 +49,22 @@ def evaluate_model(
     teacher_uri: str | None = None,
     edge: tuple[str, ...] = (),
     log: bool = False,
+    allow_pickle: bool | None = None,
 ) -> ModelEvaluation:
-    """Score `uri` on `split` of the config's data; ConfigError for a URI or data that does not fit."""
+    """Score `uri` on `split` of the config's data; ConfigError for a URI or data that does not fit.
+
+    `allow_pickle` (default: the config's `allow_pickle`) is consent to load model files whose
+    loading runs code stored in them; without it such a model or teacher is a ConfigError."""
     if split not in SPLITS:
         raise ConfigError(f"split = {split!r}: expected one of {', '.join(SPLITS)}")
+    from kd_ops.tracking import open_tracking
+
+    open_tracking(cfg.tracking.uri)  # models:/ and runs:/ URIs resolve in the config's store
     dm = DistillDataModule(cfg.data, cfg.seed)
     dm.setup()
-    model = load_for_data(uri, dm, "model URI")
-    teacher = load_for_data(teacher_uri, dm, "--teacher") if teacher_uri else None
+    allow = cfg.allow_pickle if allow_pickle is None else allow_pickle
+    model = load_for_data(uri, dm, "model URI", allow_pickle=allow)
+    teacher = load_for_data(teacher_uri, dm, "--teacher", allow_pickle=allow) if teacher_uri else None
     if edge and not isinstance(model, nn.Module):
         raise ConfigError(f"--edge: {uri!r} is not a PyTorch model; only networks have ONNX exports here")
     settings = EvaluationSettings.from_config(cfg.evaluation)

@@ -13,7 +13,6 @@ as runs nested under `teacher`; born-again generations as a chain of runs nested
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
@@ -43,10 +42,11 @@ from kd_ops.evaluation import (
 )
 from kd_ops.lineage import lineage as lineage_scope
 from kd_ops.loading import load_for_data
-from kd_ops.losses import build_losses, taps_of
+from kd_ops.losses import taps_of
 from kd_ops.models import build_model, freeze
 from kd_ops.reference import build_reference, log_reference
 from kd_ops.slicing import SLICES_ARTIFACT
+from kd_ops.strategies import strategy_for
 
 log = logging.getLogger("kd_ops")
 
@@ -276,101 +276,74 @@ def _teacher_outputs(
     return outputs
 
 
-def _distillation_module(
-    ctx: _Context, student: nn.Module, teacher: nn.Module | None, method_cfg: DistillConfig
-) -> L.LightningModule:
+class _Trainer:
+    """The pipeline's side of `kd_ops.strategies.StudentTrainer`: training inside this run."""
+
+    def __init__(self, ctx: _Context):
+        self.ctx, self.cfg, self.dm = ctx, ctx.cfg, ctx.dm
+
+    def new_student(self, seed_offset: int) -> nn.Module:
+        return _new_model(self.cfg.student, self.dm, self.cfg.seed + seed_offset)
+
+    def student_params(self) -> dict[str, Any]:
+        return _section_params(self.cfg.student)
+
+    def module_kwargs(self, method_cfg: DistillConfig) -> dict[str, Any]:
+        return dict(
+            ce_weight=method_cfg.ce_weight,
+            lr=self.cfg.student.lr,
+            weight_decay=self.cfg.student.weight_decay,
+            jitter=method_cfg.jitter,
+            mixup=method_cfg.mixup,
+            rows=self.ctx.transfer_dm.splits.transfer,
+        )
+
+    def distillation_module(
+        self, student: nn.Module, teacher: nn.Module | None, method_cfg: DistillConfig, terms: list
+    ) -> DistillationModule:
+        common = self.module_kwargs(method_cfg)
+        if not terms:
+            common["ce_weight"] = 1.0
+            return DistillationModule(student, **common)
+        try:
+            outputs = _teacher_outputs(self.ctx, teacher, terms, method_cfg)
+            module = DistillationModule(student, teacher, terms, teacher_outputs=outputs, **common)
+            module.prepare(torch.as_tensor(self.ctx.example[:4]))
+        except ValueError as exc:  # a tap path that does not exist, shapes that cannot be connected
+            raise ConfigError(
+                f"distill.method = {method_cfg.method!r} (losses {[t.loss_name for t in terms]}): {exc}"
+            ) from None
+        return module
+
+    def fit(self, module: L.LightningModule) -> float:
+        L.seed_everything(self.cfg.seed + 2, workers=True, verbose=False)
+        try:
+            return _fit(self.cfg, module, self.ctx.transfer_dm, self.cfg.student)
+        finally:
+            if hasattr(module, "close"):
+                module.close()
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        return evaluate(self.cfg, model, self.dm).metrics
+
+    def child_run(self, name: str, role: str, **tags: str):
+        return self.ctx.child(name, role=role, **tags)
+
+
+def _student_stage(
+    ctx: _Context, role: str, teacher: nn.Module, method_cfg: DistillConfig, initial: nn.Module | None
+) -> None:
     cfg = ctx.cfg
-    common = dict(
-        ce_weight=method_cfg.ce_weight,
-        lr=cfg.student.lr,
-        weight_decay=cfg.student.weight_decay,
-        jitter=method_cfg.jitter,
-        mixup=method_cfg.mixup,
-        rows=ctx.transfer_dm.splits.transfer,
-    )
-    if method_cfg.method == "mutual":
-        from kd_ops.strategies import MutualModule, MutualParams
-
-        peers = MutualParams.model_validate(method_cfg.params).peers
-        mlflow.log_param("peers", peers)
-        return MutualModule(student, peers, method_cfg.temperature, method_cfg.kd_weight, **common)
-    terms = build_losses(method_cfg)
-    if not terms:
-        common["ce_weight"] = 1.0
-        return DistillationModule(student, **common)
-    try:
-        outputs = _teacher_outputs(ctx, teacher, terms, method_cfg)
-        module = DistillationModule(student, teacher, terms, teacher_outputs=outputs, **common)
-        module.prepare(torch.as_tensor(ctx.example[:4]))
-    except ValueError as exc:  # a tap path that does not exist, shapes that cannot be connected
-        raise ConfigError(
-            f"distill.method = {method_cfg.method!r} (losses {[t.loss_name for t in terms]}): {exc}"
-        ) from None
-    return module
-
-
-def _train_student(
-    ctx: _Context, teacher: nn.Module | None, method_cfg: DistillConfig, initial: nn.Module | None
-) -> tuple[Any, float]:
-    """One student trained by `method_cfg`; returns it (plain model) and the training seconds."""
-    cfg = ctx.cfg
-    if method_cfg.method == "sklearn":
-        from kd_ops.sklearn_student import distill_to_sklearn
-
-        t0 = time.perf_counter()
-        model = distill_to_sklearn(method_cfg, teacher, ctx.dm, cfg.seed)
-        return model, time.perf_counter() - t0
-    module = _distillation_module(ctx, copy.deepcopy(initial), teacher, method_cfg)
-    L.seed_everything(cfg.seed + 2, workers=True, verbose=False)
-    try:
-        seconds = _fit(cfg, module, ctx.transfer_dm, cfg.student)
-    finally:
-        module.close()
-    return module.export(), seconds
-
-
-def _student_stage(ctx: _Context, role: str, teacher: nn.Module, method_cfg: DistillConfig, initial: nn.Module) -> None:
-    cfg = ctx.cfg
+    strategy = strategy_for(method_cfg)
     with ctx.child(role) as run:
         ctx.runs[role] = run.info.run_id
-        uses_teacher = method_cfg.method not in ("none", "mutual")
-        params = {**_section_params(cfg.student), "method": method_cfg.method}
-        if uses_teacher:
-            params.update(temperature=method_cfg.temperature, kd_weight=method_cfg.kd_weight)
-        if method_cfg.params:
-            params.update({f"method.{k}": v for k, v in method_cfg.params.items()})
-        for i, spec in enumerate(method_cfg.losses):
-            params[f"loss.{i}"] = f"{spec.name}*{spec.weight}"
-        mlflow.log_params(params)
-
-        if method_cfg.method == "born_again":
-            student, seconds = _born_again_chain(ctx, teacher, method_cfg)
-        else:
-            student, seconds = _train_student(ctx, teacher if uses_teacher else None, method_cfg, initial)
+        mlflow.log_params({**_section_params(cfg.student), **strategy.run_params()})
+        student, seconds = strategy.train(_Trainer(ctx), teacher if strategy.needs_teacher else None, initial)
         ev = evaluate(cfg, student, ctx.dm)
         _log_evaluation(ctx, role, ev, {**_vs_teacher(ctx, ev), "train_time_s": seconds})
         ctx.models[role] = student
         if role == "student":
             _register(ctx, student)
-
-
-def _born_again_chain(ctx: _Context, teacher: nn.Module, method_cfg: DistillConfig) -> tuple[nn.Module, float]:
-    """Generation 1 learns from the teacher, generation k+1 from generation k; each a nested run."""
-    from kd_ops.strategies import BornAgainParams
-
-    generations = BornAgainParams.model_validate(method_cfg.params).generations
-    kd_cfg = method_cfg.model_copy(update={"method": "kd", "params": {}})
-    current, seconds = teacher, 0.0
-    with contextlib.ExitStack() as chain:  # each generation's run stays open while the next one trains
-        for gen in range(1, generations + 1):
-            chain.enter_context(ctx.child(f"generation-{gen}", role="generation", **{"kd_ops.generation": str(gen)}))
-            mlflow.log_params({"generation": gen, **_section_params(ctx.cfg.student)})
-            initial = _new_model(ctx.cfg.student, ctx.dm, ctx.cfg.seed + 1 + gen)
-            student, gen_seconds = _train_student(ctx, current, kd_cfg, initial)
-            seconds += gen_seconds
-            mlflow.log_metrics({**evaluate(ctx.cfg, student, ctx.dm).metrics, "train_time_s": gen_seconds})
-            current = freeze(student)
-    return current, seconds
 
 
 def _register(ctx: _Context, student: Any) -> None:
@@ -400,13 +373,21 @@ def run_distillation(
     teacher); `tags` go on the parent run and the registered version (why this run happened);
     `reference` rows replace the val split as the reference stored for monitoring."""
     apply_offline_defaults()
+    tracking.open_tracking(cfg.tracking.uri)  # before a teacher URI is resolved: models:/ goes there too
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = DistillDataModule(cfg.data, cfg.seed, extra=extra)
     dm.setup()
-    # Teacher URIs that do not resolve or do not fit the data fail before any run exists.
+    # Teacher URIs that do not resolve or do not fit the data fail before any run exists; so does
+    # a teacher whose loading would run code stored in its file, unless cfg.allow_pickle.
     sections = [cfg.teacher, *cfg.teachers]
     loaded = {
-        i: load_for_data(s.uri, dm, "teacher.uri" if i == 0 else f"teachers.{i - 1}.uri", torch_only=True)
+        i: load_for_data(
+            s.uri,
+            dm,
+            "teacher.uri" if i == 0 else f"teachers.{i - 1}.uri",
+            torch_only=True,
+            allow_pickle=cfg.allow_pickle,
+        )
         for i, s in enumerate(sections)
         if s.uri
     }
@@ -441,13 +422,11 @@ def run_distillation(
         )
 
         teacher = _teacher_stage(ctx, loaded)
+        strategy = strategy_for(cfg.distill)
         # Baseline and student start from the same initial weights: the loss is the only difference.
-        initial = _new_model(cfg.student, dm, cfg.seed + 1) if cfg.distill.method != "sklearn" else None
-        if cfg.distill.baseline and cfg.distill.method != "sklearn":
-            baseline_cfg = cfg.distill.model_copy(update={"method": "none", "losses": [], "params": {}})
-            _student_stage(ctx, "baseline", teacher, baseline_cfg, initial)
-        elif cfg.distill.baseline:
-            _student_stage(ctx, "baseline", teacher, _sklearn_baseline(cfg.distill), initial)
+        initial = _new_model(cfg.student, dm, cfg.seed + 1) if strategy.network_student else None
+        if cfg.distill.baseline:
+            _student_stage(ctx, "baseline", teacher, strategy.baseline(), initial)
         _student_stage(ctx, "student", teacher, cfg.distill, initial)
         if cfg.evaluation.edge and isinstance(ctx.models["student"], nn.Module):
             _edge_stage(ctx)
@@ -527,7 +506,7 @@ def _champion_slice_drop(ctx: _Context) -> tuple[float | None, str]:
         return None, "no champion yet"
     uri = f"models:/{name}@{CHAMPION}"
     try:
-        model = load_for_data(uri, ctx.dm, "champion")
+        model = load_for_data(uri, ctx.dm, "champion", allow_pickle=ctx.cfg.allow_pickle)
     except ConfigError as exc:
         return None, f"champion v{champion} cannot be scored on this data: {exc}"
     x, y = ctx.dm.arrays("test")
@@ -553,7 +532,7 @@ def _figures_and_card(ctx: _Context) -> None:
     card = model_card.render(
         name=reg["name"],
         version=reg["version"],
-        student=cfg.student.model if cfg.distill.method != "sklearn" else cfg.distill.params.get("model", "sklearn"),
+        student=strategy_for(cfg.distill).student_name(cfg),
         method=cfg.distill.method,
         temperature=cfg.distill.temperature,
         teacher_uri=ctx.lineage[tracking.TAG_TEACHER_URI],
@@ -567,11 +546,6 @@ def _figures_and_card(ctx: _Context) -> None:
     client = MlflowClient(cfg.tracking.uri)
     client.log_text(ctx.runs["student"], card, "model_card.md")
     client.update_model_version(reg["name"], reg["version"], description=card)
-
-
-def _sklearn_baseline(distill: DistillConfig) -> DistillConfig:
-    """The same scikit-learn model fitted on hard labels: the teacher's probabilities replaced by one-hot."""
-    return distill.model_copy(update={"params": {**distill.params, "hard_labels": True}})
 
 
 __all__ = ["DistillResult", "evaluate", "run_distillation"]

@@ -17,8 +17,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -64,6 +66,18 @@ feedback = sa.Table(
     sa.Column("received_at", sa.DateTime, nullable=False),
 )
 
+# One row per /feedback request that named a `request_id`, committed with its labels: a replay (or
+# two racing copies) of the request stores nothing new. A table of its own, not a column on
+# kd_ops_feedback: `create_all` adds a missing table to an existing store, a column needs a migration.
+feedback_requests = sa.Table(
+    "kd_ops_feedback_requests",
+    metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("digest", sa.String(64), nullable=False),  # sha256 of the labels: the same id with others is refused
+    sa.Column("stored", sa.Integer, nullable=False),
+    sa.Column("received_at", sa.DateTime, nullable=False),
+)
+
 shadow = sa.Table(
     "kd_ops_shadow",
     metadata,
@@ -81,13 +95,15 @@ class LogError(RuntimeError):
 
 
 class UnknownPredictions(ValueError):
-    """Feedback named prediction ids the log does not hold (`missing` keeps their positions)."""
+    """Feedback named prediction ids the log does not hold (`missing` keeps their positions; the
+    message names the first few and counts them all, so 60,000 unknown ids make a short message)."""
 
     def __init__(self, missing: list[tuple[int, str]]):
         self.missing = missing
+        n = len(missing)
         shown = ", ".join(f"labels[{i}].prediction_id={pid!r}" for i, pid in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        super().__init__(f"unknown prediction id: {shown}{more}")
+        more = f" and {n - 5} more" if n > 5 else ""
+        super().__init__(f"{n} unknown prediction id{'s' if n != 1 else ''}: {shown}{more}")
 
 
 def utcnow() -> dt.datetime:
@@ -162,6 +178,10 @@ def _create_tables(engine: Engine, attempts: int = 5) -> None:
 
 # -- the socket protocol between the server and its writer process (see kd_ops.log_writer) ----
 CLOSE = -1  # job id of the frame that asks the writer to commit what it holds and exit
+# While writes keep coming, they go to the writer (and so into a commit) at most once per this
+# long (`PredictionLog._flush`); a lone write is sent at once. Longer: fewer, larger commits (less
+# CPU per row); shorter: less latency. uvloop's timers tick in milliseconds: 1 ms is 1-2 ms.
+COMMIT_DELAY_S = 0.001
 _HEADER = 4
 
 
@@ -172,15 +192,73 @@ def encode(message: Any) -> bytes:
 
 
 def decode_frames(buf: bytearray) -> list[Any]:
-    """Every complete frame at the start of `buf` (removed from it); a partial one stays."""
+    """Every complete frame at the start of `buf` (removed from it); a partial one stays. Frames
+    are parsed in place and the buffer shifted once, not once per frame."""
     out = []
-    while len(buf) >= _HEADER:
-        n = int.from_bytes(buf[:_HEADER], "little")
-        if len(buf) < _HEADER + n:
-            break
-        out.append(orjson.loads(bytes(buf[_HEADER : _HEADER + n])))
-        del buf[: _HEADER + n]
+    pos, size = 0, len(buf)
+    view = memoryview(buf)
+    try:
+        while size - pos >= _HEADER:
+            end = pos + _HEADER + int.from_bytes(view[pos : pos + _HEADER], "little")
+            if end > size:
+                break
+            out.append(orjson.loads(view[pos + _HEADER : end]))
+            pos = end
+    finally:
+        view.release()
+    if pos:
+        del buf[:pos]
     return out
+
+
+# -- predictions in their stored form ---------------------------------------------------------
+# What the server sends the writer for a prediction write: each row's values in the table's
+# column order, already in the form the store keeps (`stored_predictions`), so the writer binds
+# them as they are: no per-row dicts, no per-value Python, one `executemany` (or multi-row INSERT).
+PREDICTION_COLUMNS = tuple(c.key for c in predictions.columns)
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+
+def stored_time(t: dt.datetime) -> str:
+    """A naive UTC datetime as SQLAlchemy's SQLite DateTime writes it (`2026-01-02 03:04:05.000006`,
+    always six digits of microseconds); PostgreSQL parses the same text into the same timestamp."""
+    return (t if t.tzinfo is None else t.replace(tzinfo=None)).isoformat(" ", "microseconds")
+
+
+def stored_predictions(batch: dict[str, Any]) -> list[list[Any]]:
+    """The rows of one `prediction_batch`, each a list in PREDICTION_COLUMNS order, as the store
+    keeps them: JSON columns as the text the engine's `json_serializer` (`_json`) writes, the time
+    as `stored_time`, class and confidence from the float32 probabilities. The same stored values
+    as SQLAlchemy writes for `prediction_rows(batch)`, at a fraction of the cost: the JSON is
+    written in C (orjson) and the rest is one list per row."""
+    probs = np.ascontiguousarray(batch["probabilities"], dtype=np.float32)
+    x = np.ascontiguousarray(batch["inputs"], dtype=np.float32)
+    ids, slices = batch["ids"], batch["slices"]
+    if probs.ndim != 2 or x.ndim != 2 or not (len(ids) == len(x) == len(probs) == len(slices)):
+        raise ValueError(
+            f"a prediction batch needs one id, input row, probability row and slices dict per row: got {len(ids)}"
+            f" ids, inputs {x.shape}, probabilities {probs.shape}, {len(slices)} slices"
+        )
+    classes, confidence = probs.argmax(axis=1).tolist(), probs.max(axis=1).tolist()
+    created = stored_time(batch["created_at"])
+    name, version, request_id = batch["model_name"], batch["model_version"], batch["request_id"]
+    dumps = orjson.dumps
+    return [
+        [
+            pid,
+            created,
+            name,
+            version,
+            request_id,
+            i,
+            dumps(x[i], option=_NUMPY).decode(),
+            dumps(probs[i], option=_NUMPY).decode(),
+            classes[i],
+            confidence[i],
+            dumps(slices[i], option=_NUMPY).decode(),
+        ]
+        for i, pid in enumerate(ids)
+    ]
 
 
 class _WriterLink(asyncio.Protocol):
@@ -213,6 +291,7 @@ class PredictionLog:
         self.url = url
         self.engine = engine
         self.rows_written = self.commits = self.failures = 0
+        self.failing_commits, self.last_commit_error = 0, None  # failed commits in a row, and why (/health)
         self._loop = loop
         self._proc: subprocess.Popen | None = None
         self._transport: asyncio.Transport | None = None
@@ -223,6 +302,10 @@ class PredictionLog:
         self._sent_at: dict[int, float] = {}
         self._sweeper: asyncio.Task | None = None
         self._next_id = 0
+        self._outbox: list[bytes] = []  # frames not sent yet (`_flush`)
+        self._flush_handle: asyncio.Handle | None = None
+        self._last_send = float("-inf")
+        self._pace = COMMIT_DELAY_S
         self._closed = False
         self._gone: str | None = None  # why the writer stopped, if it did
         self._own_thread: threading.Thread | None = None
@@ -230,11 +313,12 @@ class PredictionLog:
     # -- opening and closing -----------------------------------------------------------
     @classmethod
     async def open(
-        cls, url: str = DEFAULT_STORE, sqlite_sync: str = "FULL", commit_delay_s: float = 0.0005
+        cls, url: str = DEFAULT_STORE, sqlite_sync: str = "FULL", commit_delay_s: float = COMMIT_DELAY_S
     ) -> "PredictionLog":
         """Create the tables and start the writer; raises ValueError (bad URL) or `LogError`."""
         engine = await asyncio.to_thread(open_store, url, sqlite_sync)
         log_ = cls(url, engine, asyncio.get_running_loop())
+        log_._pace = commit_delay_s
         try:
             await log_._start(sqlite_sync, commit_delay_s)
         except BaseException:
@@ -243,7 +327,7 @@ class PredictionLog:
         return log_
 
     @classmethod
-    def open_sync(cls, url: str = DEFAULT_STORE, sqlite_sync: str = "FULL", commit_delay_s: float = 0.0005):
+    def open_sync(cls, url: str = DEFAULT_STORE, sqlite_sync: str = "FULL", commit_delay_s: float = COMMIT_DELAY_S):
         """A log for code without an event loop: runs one in a daemon thread."""
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="kd-ops-log-loop", daemon=True)
@@ -277,7 +361,9 @@ class PredictionLog:
             theirs.close()
         self._transport, _ = await self._loop.create_unix_connection(lambda: _WriterLink(self), sock=ours)
         # Settings travel over the socket, not the command line: a store URL may hold a password.
-        self._transport.write(encode({"url": self.url, "sqlite_sync": sqlite_sync, "commit_delay_s": commit_delay_s}))
+        # The pacing of commits happens here (`_flush`), where it also spares the sends: the writer
+        # commits whatever has arrived as soon as it arrives.
+        self._transport.write(encode({"url": self.url, "sqlite_sync": sqlite_sync}))
         try:
             first = await asyncio.wait_for(asyncio.shield(self._ready), timeout=120)
         except asyncio.TimeoutError:
@@ -315,6 +401,11 @@ class PredictionLog:
             self._sent_at.pop(int(jid), None)
             if fut is not None and not fut.done():
                 fut.set_exception(LogError(why))
+        if msg["ok"]:  # a commit went through: the store is writable again
+            self.failing_commits, self.last_commit_error = 0, None
+        elif msg["failures"] > self.failures:
+            self.failing_commits += msg["failures"] - self.failures
+            self.last_commit_error = msg.get("error") or next(iter(msg["failed"].values()), None)
         self.commits, self.failures = msg["commits"], msg["failures"]
 
     def _on_lost(self) -> None:
@@ -341,6 +432,7 @@ class PredictionLog:
         self._closed = True
         if self._transport is not None and self._gone is None and not self._transport.is_closing():
             # The writer commits and acknowledges what precedes this frame, then exits: the socket closes.
+            self._flush()  # what precedes the CLOSE frame is committed before the writer exits
             self._transport.write(encode([CLOSE, "", []]))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._lost), timeout)
@@ -378,18 +470,45 @@ class PredictionLog:
     # -- writes --------------------------------------------------------------------------
     def write_async(self, table: sa.Table, rows: list[dict[str, Any]] | dict[str, Any]) -> asyncio.Future:
         """On the log's loop: a future that resolves once `rows` are committed (LogError if not).
-        For `predictions`, `rows` may be one `prediction_batch` (the server's fast path)."""
+        For `predictions`, `rows` may be one `prediction_batch` (the server's fast path): it goes to
+        the writer in its stored form (`stored_predictions`), as [id, table, n rows, rows]."""
         if not self.alive:
             raise LogError(self._gone or "the prediction log is closed")
         if self._transport.get_write_buffer_size() > self.MAX_BUFFERED_BYTES:
             raise LogError("the prediction log writer is not keeping up")
-        frame = encode([self._next_id + 1, table.name, rows])  # first: a row orjson refuses registers nothing
+        # First: a row that cannot be encoded registers nothing.
+        if isinstance(rows, dict) and table is predictions:
+            n = len(rows["ids"])
+            frame = encode([self._next_id + 1, table.name, n, stored_predictions(rows)])
+        else:
+            n = len(rows)
+            frame = encode([self._next_id + 1, table.name, rows])
         self._next_id += 1
         fut = self._loop.create_future()
-        self._pending[self._next_id] = (fut, len(rows["ids"]) if isinstance(rows, dict) else len(rows))
+        self._pending[self._next_id] = (fut, n)
         self._sent_at[self._next_id] = time.monotonic()
-        self._transport.write(frame)
+        self._outbox.append(frame)
+        if self._flush_handle is None:
+            due = self._last_send + self._pace
+            if due <= self._loop.time():  # nothing sent lately (a lone request): at the end of this turn
+                self._flush_handle = self._loop.call_soon(self._flush)
+            else:
+                self._flush_handle = self._loop.call_at(due, self._flush)
         return fut
+
+    def _flush(self) -> None:
+        """Send the frames waiting, in one write. While writes keep coming, at most one send per
+        `commit_delay_s`: each send wakes the writer for a commit, and a commit (an fsync and
+        ~0.3 ms of CPU on SQLite, whatever it holds) is what logging costs per row when commits
+        are small. Pacing the sends here, not in the writer, also spares a system call and a
+        wake-up of another process per request, which on two cores preempts the request loop."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        frames, self._outbox = self._outbox, []
+        if frames and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(frames) if len(frames) > 1 else frames[0])
+            self._last_send = self._loop.time()
 
     def submit(self, table: sa.Table, rows: list[dict[str, Any]] | dict[str, Any]) -> concurrent.futures.Future:
         """From any thread but the log's loop: a future that resolves once committed."""
@@ -420,17 +539,43 @@ class PredictionLog:
         found here is still there when its feedback row is written."""
         found: set[str] = set()
         with self.engine.connect() as conn:
-            for chunk in _chunks(sorted(set(ids)), 500):
+            # An id with a NUL is no id the server gave out (and PostgreSQL refuses it in a query).
+            for chunk in _chunks(sorted({pid for pid in ids if "\x00" not in pid}), 500):
                 found.update(conn.execute(sa.select(predictions.c.id).where(predictions.c.id.in_(chunk))).scalars())
         return [(i, pid) for i, pid in enumerate(ids) if pid not in found]
 
-    def add_feedback(self, labels: Sequence[tuple[str, int]]) -> int:
-        """Store (prediction id, label) pairs from a thread; all or none (`UnknownPredictions`)."""
+    def add_feedback(self, labels: Sequence[tuple[str, int]], request_id: str | None = None) -> int:
+        """Store (prediction id, label) pairs from a thread; all or none (`UnknownPredictions`).
+        With `request_id`, a second call with the same id and labels stores nothing and returns what
+        the first stored (`ReusedRequestId` if its labels differ); without one, every call stores."""
+        digest = request_digest(labels)
+        if request_id is not None and (prior := self.find_request(request_id)) is not None:
+            return replayed(prior, request_id, digest)
         missing = self.missing([pid for pid, _ in labels])
         if missing:
             raise UnknownPredictions(missing)
-        self.write(feedback, feedback_rows(labels))
+        try:
+            self.write(feedback, feedback_job(labels, request_id))
+        except LogError:
+            if request_id is None or (prior := self.find_request(request_id)) is None:
+                raise
+            self.refusal_was_replay()
+            return replayed(prior, request_id, digest)
         return len(labels)
+
+    def find_request(self, request_id: str) -> sa.Row | None:
+        """The `kd_ops_feedback_requests` row (digest, stored) of an earlier feedback request, or None."""
+        t = feedback_requests.c
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(t.digest, t.stored).where(t.request_id == request_id)).first()
+
+    def refusal_was_replay(self) -> None:
+        """The store refused a feedback write because a copy of the request committed first (the
+        request id's primary key): that failed commit says nothing about the store's health."""
+        if self.failing_commits > 0:
+            self.failing_commits -= 1
+            if self.failing_commits == 0:
+                self.last_commit_error = None
 
     def count(self, table: sa.Table = predictions) -> int:
         with self.engine.connect() as conn:
@@ -440,6 +585,43 @@ class PredictionLog:
 def feedback_rows(labels: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
     now = utcnow()
     return [{"prediction_id": pid, "label": int(y), "received_at": now} for pid, y in labels]
+
+
+# A row of a write that belongs to another table than the write's own: the writer inserts it there,
+# in the same transaction (so a feedback request's row and its labels commit together, or neither).
+ROW_TABLE = "__table__"
+REQUEST_ID_PATTERN = r"^[!-~]{1,64}$"  # printable ASCII, no spaces: what every store keeps as it is
+
+
+class ReusedRequestId(ValueError):
+    """A feedback request_id seen before, with other labels: nothing is stored."""
+
+
+def request_digest(labels: Sequence[tuple[str, int]]) -> str:
+    return hashlib.sha256(orjson.dumps([[pid, int(y)] for pid, y in labels])).hexdigest()
+
+
+def feedback_job(labels: Sequence[tuple[str, int]], request_id: str | None = None) -> list[dict[str, Any]]:
+    """The rows of one feedback write: the labels, and with `request_id` first its
+    `kd_ops_feedback_requests` row, whose primary key refuses the whole write when a copy of the
+    request committed before (the writer reports that write as failed)."""
+    rows = feedback_rows(labels)
+    if request_id is None:
+        return rows
+    if not re.fullmatch(REQUEST_ID_PATTERN, request_id):
+        raise ValueError(f"request_id must be 1-64 printable ASCII characters without spaces, got {request_id!r}")
+    head = {ROW_TABLE: feedback_requests.name, "request_id": request_id, "digest": request_digest(labels)}
+    return [{**head, "stored": len(rows), "received_at": rows[0]["received_at"] if rows else utcnow()}, *rows]
+
+
+def replayed(prior: Any, request_id: str, digest: str) -> int:
+    """What a replayed request stored the first time (`ReusedRequestId` if its labels differ)."""
+    if prior.digest != digest:
+        raise ReusedRequestId(
+            f"request_id: {request_id!r} was already used for other labels; nothing was stored"
+            " (a new request needs a new request_id)"
+        )
+    return int(prior.stored)
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
@@ -490,6 +672,118 @@ def prediction_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+class StoredValueError(ValueError):
+    """A value in the log that cannot be read back as the writer stores it: JSON that does not
+    parse (NaN or Infinity written by hand, a number beyond float range, a truncated text), or
+    inputs/probabilities that are not lists of finite numbers (orjson writes NaN as null).
+    Names the table, the column and the row."""
+
+    def __init__(self, table: str, column: str, prediction_id: str, why: str, row_id: int | None = None):
+        self.table, self.column, self.prediction_id, self.row_id = table, column, prediction_id, row_id
+        row = f"id={prediction_id!r}" if row_id is None else f"id={row_id} (prediction_id={prediction_id!r})"
+        super().__init__(f"table {table}, column {column}, row {row}: {why}")
+
+
+_WINDOW_CHUNK = 500  # ids per `IN (...)`: well under SQLite's variable limit (999 on old builds)
+_JSON_TEXT = ("inputs", "probabilities", "slices")  # read as text and decoded here, so a bad row is named
+_NUMBERS = ("inputs", "probabilities")
+
+
+def _decode(text: Any, table: str, column: str, prediction_id: str, row_id: int | None = None) -> Any:
+    try:
+        return orjson.loads(text)
+    except (orjson.JSONDecodeError, TypeError) as exc:
+        raise StoredValueError(table, column, prediction_id, f"not valid JSON ({exc})", row_id) from None
+
+
+def _not_numbers(value: Any) -> str | None:
+    """Why `value` is not a list of finite numbers, or None if it is."""
+    if not isinstance(value, list):
+        return f"holds {type(value).__name__}, not a list of numbers"
+    try:
+        arr = np.asarray(value)
+    except ValueError:
+        return "holds nested lists of different lengths"
+    if arr.dtype.kind in "iuf":
+        return None if np.isfinite(arr).all() else "holds NaN or infinite numbers"
+    if arr.dtype == object and any(v is None for v in arr.ravel()):
+        return "holds null where a number belongs (a NaN or infinite value when it was written)"
+    return "holds values that are not numbers"
+
+
+def _check_numbers(
+    values: list[Any], table: str, column: str, prediction_ids: list[str], row_ids: list[int] | None = None
+) -> None:
+    """Raise `StoredValueError` for the first value that is not a list of finite numbers: one numpy
+    pass when the column is a clean matrix (the usual case), row by row only to find the culprit."""
+    try:
+        arr = np.asarray(values)
+        if arr.dtype.kind in "iuf" and arr.ndim >= 2 and np.isfinite(arr).all():
+            return
+    except ValueError:  # rows of different lengths: fine here (the monitor names those), check each
+        pass
+    for i, value in enumerate(values):
+        why = _not_numbers(value)
+        if why is not None:
+            raise StoredValueError(table, column, prediction_ids[i], why, row_ids[i] if row_ids else None)
+
+
+def _window_rows(
+    conn: sa.Connection, model_name: str | None, since: dt.datetime | None, last: int | None, ids: Sequence[str] | None
+) -> list[sa.Row]:
+    """The window's prediction rows, oldest first, JSON columns as text.
+
+    With `last`, the `last`-th newest `created_at` comes off the (model_name, created_at) index (an
+    OFFSET on the index order, no sort), then the rows at or after it (the window, plus any rows
+    tied with its oldest timestamp) are fetched through the same index and ordered here with the
+    tie-break keys, so those keys never make the store sort the model's whole log. The bound is a
+    value, not a subquery, so PostgreSQL's planner estimates the range from its statistics."""
+    p = predictions.c
+    conds: list[Any] = []
+    if model_name is not None:
+        conds.append(p.model_name == model_name)
+    if since is not None:
+        conds.append(p.created_at >= since)
+    groups = [conds]
+    if ids is not None:  # chunked under the variable limit; the top `last` of the union is in the chunks' tops
+        groups = [[*conds, p.id.in_(chunk)] for chunk in _chunks(list(dict.fromkeys(ids)), _WINDOW_CHUNK)]
+    # SQLite keeps times as text: the bound goes back as the stored text, never re-formatted.
+    stored_time = sa.type_coerce(p.created_at, sa.String) if conn.dialect.name == "sqlite" else p.created_at
+    columns = [sa.cast(c, sa.Text).label(c.key) if c.key in _JSON_TEXT else c for c in predictions.columns]
+    rows: list[sa.Row] = []
+    for where in groups:
+        if last == 0:
+            break
+        query = sa.select(*columns).where(*where)
+        if last is not None:
+            bound = conn.execute(
+                sa.select(stored_time).where(*where).order_by(p.created_at.desc()).offset(last - 1).limit(1)
+            ).scalar()
+            if bound is not None:  # else fewer than `last` rows match: all of them
+                query = query.where(stored_time >= bound)
+        rows += conn.execute(query).all()
+    # The log's order: newest first, ties by request id, then row index descending (stable sorts).
+    rows.sort(key=lambda r: r.row_index, reverse=True)
+    rows.sort(key=lambda r: r.request_id)
+    rows.sort(key=lambda r: r.created_at, reverse=True)
+    if last is not None:
+        rows = rows[:last]
+    rows.reverse()
+    return rows
+
+
+def _latest(conn: sa.Connection, table: sa.Table, columns: list[Any], prediction_ids: list[str]) -> dict[str, sa.Row]:
+    """{prediction id: its latest row of `table` (the highest id)}, for these ids only: lookups on
+    the prediction_id index, a chunk of ids at a time (a prediction has one row or a few)."""
+    t = table.c
+    out: dict[str, sa.Row] = {}
+    for chunk in _chunks(prediction_ids, _WINDOW_CHUNK):
+        for r in conn.execute(sa.select(t.prediction_id, t.id, *columns).where(t.prediction_id.in_(chunk))):
+            if r.prediction_id not in out or r.id > out[r.prediction_id].id:
+                out[r.prediction_id] = r
+    return out
+
+
 def read_predictions(
     url: str,
     model_name: str | None = None,
@@ -501,51 +795,52 @@ def read_predictions(
     feedback label (`label`, NaN if none) and the shadow teacher's class and probabilities if scored.
 
     Inputs and probabilities stay as lists in one column each; `slice_<name>` columns are expanded.
+    The cost follows the window, not the log: its rows come off the (model_name, created_at) index
+    (a read without `model_name` scans the table), their latest label and shadow score from lookups
+    by prediction id. A stored value that cannot be decoded raises `StoredValueError` (a ValueError)
+    naming its table, column and row.
     """
     import pandas as pd
 
+    if last is not None and last < 0:
+        raise ValueError(f"last must be at least 0, not {last}")
     engine = open_store(url, create=False)
     if since is not None and since.tzinfo is not None:  # stored times are naive UTC
         since = since.astimezone(dt.UTC).replace(tzinfo=None)
     try:
-        latest_label = (
-            sa.select(feedback.c.prediction_id, feedback.c.label)
-            .where(feedback.c.id.in_(sa.select(sa.func.max(feedback.c.id)).group_by(feedback.c.prediction_id)))
-            .subquery()
-        )
-        latest_shadow = (
-            sa.select(shadow.c.prediction_id, shadow.c.predicted_class, shadow.c.probabilities, shadow.c.teacher_uri)
-            .where(shadow.c.id.in_(sa.select(sa.func.max(shadow.c.id)).group_by(shadow.c.prediction_id)))
-            .subquery()
-        )
-        query = (
-            sa.select(
-                predictions,
-                latest_label.c.label,
-                latest_shadow.c.predicted_class.label("teacher_class"),
-                latest_shadow.c.probabilities.label("teacher_probabilities"),
-                latest_shadow.c.teacher_uri,
-            )
-            .outerjoin(latest_label, latest_label.c.prediction_id == predictions.c.id)
-            .outerjoin(latest_shadow, latest_shadow.c.prediction_id == predictions.c.id)
-        )
-        if model_name is not None:
-            query = query.where(predictions.c.model_name == model_name)
-        if since is not None:
-            query = query.where(predictions.c.created_at >= since)
-        if ids is not None:
-            query = query.where(predictions.c.id.in_(list(ids)))
-        query = query.order_by(
-            predictions.c.created_at.desc(), predictions.c.request_id, predictions.c.row_index.desc()
-        )
-        if last is not None:
-            query = query.limit(last)
         with engine.connect() as conn:
-            frame = pd.DataFrame(conn.execute(query).mappings().all())
+            rows = _window_rows(conn, model_name, since, last, ids)
+            pids = [r.id for r in rows]
+            labels = _latest(conn, feedback, [feedback.c.label], pids)
+            teacher_probs = sa.cast(shadow.c.probabilities, sa.Text).label("probabilities")
+            scores = _latest(conn, shadow, [shadow.c.predicted_class, teacher_probs, shadow.c.teacher_uri], pids)
     finally:
         engine.dispose()
-    if frame.empty:
-        return frame
-    frame = frame.iloc[::-1].reset_index(drop=True)
+    if not rows:
+        return pd.DataFrame()
+    records = []
+    for r in rows:
+        record = r._asdict()
+        for key in _JSON_TEXT:
+            record[key] = _decode(record[key], predictions.name, key, r.id)
+        label, score = labels.get(r.id), scores.get(r.id)
+        record["label"] = None if label is None else label.label
+        record["teacher_class"] = None if score is None else score.predicted_class
+        record["teacher_probabilities"] = (
+            None if score is None else _decode(score.probabilities, shadow.name, "probabilities", r.id, score.id)
+        )
+        record["teacher_uri"] = None if score is None else score.teacher_uri
+        records.append(record)
+    for key in _NUMBERS:
+        _check_numbers([rec[key] for rec in records], predictions.name, key, pids)
+    scored = [rec for rec in records if rec["teacher_probabilities"] is not None]
+    _check_numbers(
+        [rec["teacher_probabilities"] for rec in scored],
+        shadow.name,
+        "probabilities",
+        [rec["id"] for rec in scored],
+        [scores[rec["id"]].id for rec in scored],
+    )
+    frame = pd.DataFrame(records, columns=sorted(records[0]))  # the columns in the order they always had
     slices = pd.json_normalize(frame.pop("slices").tolist()).add_prefix("slice_")
     return pd.concat([frame, slices.set_index(frame.index)], axis=1)

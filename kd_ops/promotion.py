@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_ops.config import ConfigError
 from kd_ops.gates import TAG_GATES
-from kd_ops.tracking import sqlite_path
+from kd_ops.tracking import open_tracking, sqlite_path
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -99,11 +99,15 @@ def _history(client: MlflowClient, name: str) -> list[str]:
 def _check_version(client: MlflowClient, name: str, version: str):
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code not in _ABSENT:
+            raise
         raise PromotionError(f"registered model {name!r} does not exist") from None
     try:
         return client.get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code not in _ABSENT:
+            raise
         raise PromotionError(f"{name!r} has no version {version!r}") from None
 
 
@@ -114,7 +118,7 @@ def promote(name: str, version: str | int, force: bool = False, uri: str | None 
     it has no gate record at all and `force` is not given.
     """
     uri = uri or mlflow.get_tracking_uri()
-    client = MlflowClient(uri)
+    client = open_tracking(uri)
     version = str(version)
     mv = _check_version(client, name, version)
     verdict = mv.tags.get(TAG_GATES)
@@ -141,10 +145,12 @@ def promote(name: str, version: str | int, force: bool = False, uri: str | None 
 def rollback(name: str, uri: str | None = None) -> AliasState:
     """Champion back to `previous`; `previous` steps one further back in the history (or is removed)."""
     uri = uri or mlflow.get_tracking_uri()
-    client = MlflowClient(uri)
+    client = open_tracking(uri)
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code not in _ABSENT:
+            raise
         raise PromotionError(f"registered model {name!r} does not exist") from None
     with _model_lock(uri, name):
         current, previous = _alias(client, name, CHAMPION), _alias(client, name, PREVIOUS)

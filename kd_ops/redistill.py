@@ -154,8 +154,6 @@ def redistill_config(cfg: ExperimentConfig, teacher_uri: str) -> ExperimentConfi
 def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual") -> RedistillResult:
     """Distil a new student on training data + teacher-labelled production rows; promote it only
     if it beats the champion on recent rows and holds on the reference."""
-    from mlflow.tracking import MlflowClient
-
     from kd_ops import gates, promotion
     from kd_ops.data import DistillDataModule, ExtraRows
     from kd_ops.env import apply_offline_defaults
@@ -163,18 +161,23 @@ def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual") -> Redist
     from kd_ops.pipeline import run_distillation
     from kd_ops.reference import load_reference
     from kd_ops.served_model import resolve_alias
+    from kd_ops.tracking import open_tracking
 
     apply_offline_defaults()
     name = cfg.registry.name
-    client = MlflowClient(cfg.tracking.uri)
+    client = open_tracking(cfg.tracking.uri)  # the lineage teachers' models:/ URIs resolve there too
     champion = resolve_alias(client, name, promotion.CHAMPION)
     teacher_uri = teacher_uri_of(client, name, champion)
     dm = DistillDataModule(cfg.data, cfg.seed)
     dm.setup()
     recipe = redistill_config(cfg, teacher_uri)
-    teachers = [load_for_data(u, dm, f"the teacher of {name} v{champion}") for u in teacher_uri.split(",")]
+    # cfg.allow_pickle (--allow-pickle): consent to load lineage models whose files run code.
+    teachers = [
+        load_for_data(u, dm, f"the teacher of {name} v{champion}", allow_pickle=cfg.allow_pickle)
+        for u in teacher_uri.split(",")
+    ]
     # Everything the decision needs is loaded before training: a version is never left half-judged.
-    champion_model = load_for_data(f"models:/{name}/{champion}", dm, "champion")
+    champion_model = load_for_data(f"models:/{name}/{champion}", dm, "champion", allow_pickle=cfg.allow_pickle)
     reference = load_reference(name, champion, cfg.tracking.uri)
     prod = production_set(cfg, teachers, dm.n_features, dm.n_classes)
     train = ~prod.holdout
@@ -296,14 +299,14 @@ def last_redistillation(cfg: ExperimentConfig) -> str | None:
     processes and restarts."""
     import time
 
-    from mlflow.tracking import MlflowClient
-
     cooldown = cfg.redistill.cooldown_minutes * 60_000
     if cooldown <= 0:
         return None
     name = cfg.registry.name
     now = time.time() * 1000
-    versions = MlflowClient(cfg.tracking.uri).search_model_versions(f"name = '{name}'")
+    from kd_ops.tracking import open_tracking
+
+    versions = open_tracking(cfg.tracking.uri).search_model_versions(f"name = '{name}'")
     recent = [v for v in versions if TAG_REDISTILL in v.tags and now - v.creation_timestamp < cooldown]
     if not recent:
         return None

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
 T = TypeVar("T")
 
 
@@ -70,3 +72,18 @@ def entry_decorator(registry: "Registry[Entry]", name: str, params: type):
         return build
 
     return decorator
+
+
+def param_errors(schema: type[BaseModel], params: dict[str, Any], key: str, what: str) -> list[str]:
+    """Each problem of `params` against a component's schema, one line naming `key.<param>`."""
+    try:
+        schema.model_validate(params)
+    except ValidationError as err:
+        out = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            value = e.get("input") if e["type"] != "missing" else "(missing)"
+            out.append(f"{key}.{loc} = {value!r}: {msg} ({what})")
+        return out
+    return []

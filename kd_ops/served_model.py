@@ -36,11 +36,14 @@ def probability_fn(model: Any) -> Proba:
     return lambda x: np.ascontiguousarray(model.predict_proba(x), dtype=np.float32)
 
 
-def load_probability_fn(uri: str) -> Proba:
-    """The probabilities of the model at `uri` (any URI MLflow resolves; pytorch or sklearn flavour)."""
+def load_probability_fn(uri: str, allow_pickle: bool = False) -> Proba:
+    """The probabilities of the model at `uri` (any URI MLflow resolves; pytorch or sklearn flavour).
+
+    Pickle-free unless `allow_pickle` (`kd-ops serve --allow-pickle`): a model whose loading would
+    run code stored in its file is a `ConfigError`, so a crafted version never runs in the server."""
     from kd_ops.loading import load_model
 
-    return probability_fn(load_model(uri))
+    return probability_fn(load_model(uri, allow_pickle=allow_pickle))
 
 
 @dataclass(frozen=True)
@@ -119,13 +122,15 @@ def _slicer(client: Any, run_id: str | None) -> InputSlices | None:
         return None
 
 
-def load_version(client: Any, name: str, version: str, alias: str) -> ServedModel:
-    """Load version `version` of `name`, probe it with one row, and read what the server needs."""
+def load_version(client: Any, name: str, version: str, alias: str, allow_pickle: bool = False) -> ServedModel:
+    """Load version `version` of `name`, probe it with one row, and read what the server needs.
+
+    `allow_pickle`: consent to load a version whose file runs code when loaded (see kd_ops.loading)."""
     uri = f"models:/{name}/{version}"
     try:
         mv = client.get_model_version(name, version)
         n_features = _feature_count(uri)
-        predict_proba = load_probability_fn(uri)
+        predict_proba = load_probability_fn(uri, allow_pickle=allow_pickle)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - MLflow, torch and skops raise many types

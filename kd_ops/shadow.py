@@ -34,8 +34,12 @@ class ShadowScorer:
         teacher_uri: str | None = None,
         queue_size: int = 256,
         seed: int | None = None,
+        allow_pickle: bool = False,
     ):
+        """`allow_pickle`: the server's `--allow-pickle`, so the teacher loads under the same consent
+        as the served version (without it, a teacher whose file runs code is refused, and logged)."""
         self.fraction = fraction
+        self.allow_pickle = allow_pickle
         self.log = prediction_log
         self.override_uri = teacher_uri
         self.offered = self.scored = self.dropped = self.failed = 0
@@ -65,7 +69,9 @@ class ShadowScorer:
             return None
         try:
             # An ensemble's lineage lists its members; the shadow averages their probabilities.
-            members = [load_probability_fn(u.strip()) for u in uri.split(",") if u.strip()]
+            members = [
+                load_probability_fn(u.strip(), allow_pickle=self.allow_pickle) for u in uri.split(",") if u.strip()
+            ]
         except Exception as exc:  # noqa: BLE001 - never take the server down for the shadow
             self._failed_at[uri] = time.monotonic()
             self.last_error = f"cannot load teacher {uri}: {first_line(exc)}"

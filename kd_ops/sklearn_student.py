@@ -245,8 +245,9 @@ def sklearn_size(est: BaseEstimator) -> dict[str, int]:
 # -- pipeline entry points -------------------------------------------------------------------------
 
 
-def distill_to_sklearn(method_cfg: Any, teacher: Any, dm: Any, seed: int) -> BaseEstimator:
-    """Fit the configured sklearn student on the teacher's soft targets over the transfer set.
+def distill_to_sklearn(p: Any, temperature: float, teacher: Any, dm: Any, seed: int) -> BaseEstimator:
+    """Fit the configured sklearn student (`p`: the `sklearn` strategy's params) on the teacher's
+    soft targets at `temperature` over the transfer set.
 
     Jittered copies of the transfer rows (`jitter_copies`) are labelled by the teacher too: a
     tree cannot generalise between rows it never saw, so the teacher fills the gaps. With
@@ -257,9 +258,6 @@ def distill_to_sklearn(method_cfg: Any, teacher: Any, dm: Any, seed: int) -> Bas
     import torch
     from threadpoolctl import threadpool_limits
 
-    from kd_ops.strategies import SklearnParams
-
-    p = SklearnParams.model_validate(method_cfg.params)
     x, y = dm.arrays("transfer")
     n_classes = dm.n_classes
     if p.hard_labels:
@@ -271,7 +269,7 @@ def distill_to_sklearn(method_cfg: Any, teacher: Any, dm: Any, seed: int) -> Bas
             logits = torch.cat(
                 [teacher(torch.as_tensor(x_fit[i : i + 1024], dtype=torch.float32)) for i in range(0, len(x_fit), 1024)]
             )
-        probs = (logits.float() / method_cfg.temperature).softmax(1).numpy().astype(np.float64)
+        probs = (logits.float() / temperature).softmax(1).numpy().astype(np.float64)
     with threadpool_limits(limits=1):  # sklearn's OpenMP threads fight torch's on a small machine
         model = fit_soft(p.model, p.params, x_fit, probs, seed, p.min_weight)
     inner = model.estimator_

@@ -29,14 +29,56 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(urlparse(uri).path if uri.startswith("sqlite:////") else uri.removeprefix("sqlite:///"))
 
 
+def _store_error(uri: str, key: str, exc: BaseException) -> Exception:
+    """A store that cannot be used as given, in one line naming `key`; connection trouble (a server
+    briefly away) passes through unchanged so the flows' retries still see it."""
+    import requests
+
+    from kd_ops.config import ConfigError, first_line
+
+    if isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError)):
+        return exc
+    text = str(exc)
+    if "filesystem tracking backend" in text:
+        why = "a plain file store, which MLflow 3 refuses; use a database (sqlite:///mlflow.db) or a server"
+    elif "unsupported URI" in text:
+        why = "not a URI scheme MLflow can track to (sqlite:///FILE, postgresql://..., http://HOST:PORT, ...)"
+    elif isinstance(exc, OSError):
+        why = f"cannot create or open it: {exc.strerror or first_line(exc)}"
+        if exc.filename:
+            why += f" ({exc.filename})"
+    else:
+        why = first_line(exc)
+        if type(exc).__name__ not in why and not why.startswith(("Max retries", "API request")):
+            why = f"cannot open it: {why}"
+    return ConfigError(f"{key} = {uri!r}: {why}")
+
+
+def open_tracking(uri: str, key: str = "tracking.uri") -> MlflowClient:
+    """Point this process's MLflow at `uri` and check that its tracking and registry stores open.
+
+    Every command calls this first, so every later MLflow call (runs, the registry, downloads of
+    `models:/` URIs) goes to the store the user named, never a `./mlflow.db` in the working
+    directory; and a URI that cannot work (`foo://x`, a file store, a directory that cannot be
+    written) is one `ConfigError` naming `key` before anything runs. Connection failures pass
+    through unchanged (a server restarting is worth a retry, not a config error)."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # opens (and on SQLite, creates) the tracking store
+        client.search_registered_models(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and the OS raise many types
+        raise _store_error(uri, key, exc) from None
+    return client
+
+
 def use_experiment(uri: str, name: str) -> str:
     """Point MLflow at `uri` and return the id of experiment `name`, creating it if needed.
 
     With a SQLite store the artifacts go beside the database file (`mlartifacts/`), not into
     whatever directory the command happened to start in.
     """
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    client = open_tracking(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -70,8 +112,9 @@ def log_torch_model(
 ) -> "mlflow.models.model.ModelInfo":
     """Log `model` to the active run as `model`, with signature and input example.
 
-    Saved with torch.export (MLflow's `pt2` format): loading needs no pickle and no kd-ops
-    code. Requirements are pinned here so MLflow does not spend seconds inferring them.
+    Saved with torch.export (MLflow's `pt2` format): weights are raw tensor records, so the
+    archive passes the pickle-free check kd-ops runs before loading, and needs no kd-ops code.
+    Requirements are pinned here so MLflow does not spend seconds inferring them.
     """
     import mlflow.pytorch
     import torch
@@ -95,7 +138,8 @@ def log_torch_model(
 def log_sklearn_model(
     model: Any, example: np.ndarray, registered_name: str | None = None
 ) -> "mlflow.models.model.ModelInfo":
-    """Log a scikit-learn student with MLflow's sklearn flavor (skops format: no pickle on load)."""
+    """Log a scikit-learn student with MLflow's sklearn flavor (skops format: kd-ops loads it with
+    its own trusted types, no pickle)."""
     import mlflow.sklearn
     import sklearn
     import skops.io
@@ -105,16 +149,21 @@ def log_sklearn_model(
     # skops refuses types beyond its defaults (tree node arrays, our all-class wrapper) unless
     # listed; this model was built by this process, so its own types are the ones to trust.
     trusted = skops.io.get_untrusted_types(data=skops.io.dumps(model)) or None
-    return mlflow.sklearn.log_model(
-        model,
-        name="model",
-        input_example=example,
-        signature=infer_signature(example, model.predict_proba(example)),
-        pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
-        registered_model_name=registered_name,
-        pyfunc_predict_fn="predict_proba",
-        skops_trusted_types=trusted,
-    )
+    from kd_ops.loading import mlflow_pickle_allowed
+
+    # log_model loads what it has just written to check the input example; MLflow gates every
+    # sklearn load (skops included) on MLFLOW_ALLOW_PICKLE_DESERIALIZATION, false in kd-ops.
+    with mlflow_pickle_allowed():
+        return mlflow.sklearn.log_model(
+            model,
+            name="model",
+            input_example=example,
+            signature=infer_signature(example, model.predict_proba(example)),
+            pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+            registered_model_name=registered_name,
+            pyfunc_predict_fn="predict_proba",
+            skops_trusted_types=trusted,
+        )
 
 
 def register_with_alias(name: str, version: str | int, alias: str, tags: dict[str, str], description: str = "") -> None:

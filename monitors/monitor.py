@@ -7,8 +7,9 @@ Signals, each compared with the reference stored when the student was distilled:
   accuracy          Evidently's Accuracy on rows whose feedback label arrived, overall and per
                     slice; each slice is its own report on its own rows (Evidently's GroupBy
                     returns the overall value for every group with classification metrics).
-                    A drop in accuracy or agreement must also be significant (Fisher exact test
-                    against the reference at `rate_p_value`): labelled windows are small samples
+                    A drop in accuracy, agreement or estimated accuracy must also be significant
+                    (Fisher exact test against the reference at `rate_p_value`), in the warn band
+                    as in the alert band: windows and references are small samples
   label-free        agreement with the shadow teacher where it scored, and accuracy estimated
                     from confidence by a threshold set on the reference (ATC)
 A window with fewer than `min_rows` rows says so (status "insufficient") instead of guessing;
@@ -92,6 +93,20 @@ def drop_p_value(window_hits: np.ndarray, reference_hits: np.ndarray) -> float:
     w, r = int(np.sum(window_hits)), int(np.sum(reference_hits))
     table = [[w, len(window_hits) - w], [r, len(reference_hits) - r]]
     return float(fisher_exact(table, alternative="less").pvalue)
+
+
+def estimate_drop_p_value(estimate: float, rows: int, reference: Reference) -> float:
+    """The same one-sided Fisher test for the label-free estimate: ATC's estimate is the window's
+    share of rows above the reference's confidence threshold, and above it the reference holds a
+    share equal to its accuracy, so both sides are counts of rows above one threshold. A 1000-row
+    window on clean traffic lands a point or two under the reference by chance."""
+    n_ref = len(reference.confidence)
+    window_hits = round(estimate * rows)
+    reference_hits = round(reference.accuracy * n_ref)
+    return drop_p_value(
+        np.arange(rows) < window_hits,
+        np.arange(n_ref) < reference_hits,
+    )
 
 
 def _classification(pred: np.ndarray, labels: np.ndarray) -> Any:
@@ -233,6 +248,7 @@ def label_free_metrics(window: Window, reference: Reference, cfg: MonitorConfig)
     skipped: list[str] = []
     out["estimated_accuracy"] = confidence_estimate(reference, window.confidence)
     out["estimated_accuracy_drop"] = reference.accuracy - out["estimated_accuracy"]
+    out["estimated_accuracy_drop_p_value"] = estimate_drop_p_value(out["estimated_accuracy"], window.rows, reference)
     shadowed = np.isfinite(window.teacher_class)
     if reference.teacher_probabilities is None:
         skipped.append("agreement: the reference has no teacher probabilities")
@@ -326,17 +342,18 @@ def run_monitor(
     cfg: ExperimentConfig, window: Window | None = None, record: bool = True, notify: bool = True
 ) -> MonitorResult:
     """Read the window (unless given), judge it, record it in MLflow and Evidently, send alerts."""
-    from mlflow.tracking import MlflowClient
-
     from kd_ops.served_model import resolve_alias
     from monitors.alerts import Dispatcher
 
+    from kd_ops.tracking import open_tracking
+
+    client = open_tracking(cfg.tracking.uri)
     m = cfg.monitor
     name = cfg.registry.name
     shape_ref, champion = None, None
     if window is None:
         # Shapes come from the champion's reference; the window then picks the version that served.
-        champion = resolve_alias(MlflowClient(cfg.tracking.uri), name, "champion")
+        champion = resolve_alias(client, name, "champion")
         shape_ref = load_reference(name, champion, cfg.tracking.uri)
         window = load_window(
             m.store, name, shape_ref.x.shape[1], shape_ref.probabilities.shape[1], m.window_rows, m.window_minutes

@@ -77,6 +77,10 @@ def _matrix(column: pd.Series, name: str, width: int | None) -> np.ndarray:
         raise WindowError(f"column {name!r}: holds values that are not numbers") from None
 
 
+def _row_name(frame: pd.DataFrame, i: int) -> str:
+    return f"id={frame['id'].iloc[i]!r}" if "id" in frame.columns else str(i)
+
+
 def window_from_frame(frame: pd.DataFrame, model_name: str, n_features: int, n_classes: int) -> Window:
     """Check a frame shaped like `read_predictions`' output and turn it into arrays."""
     if frame.empty:
@@ -90,8 +94,10 @@ def window_from_frame(frame: pd.DataFrame, model_name: str, n_features: int, n_c
     frame = frame[frame["model_version"].astype(str) == version].reset_index(drop=True)
     x = _matrix(frame["inputs"], "inputs", n_features)
     probs = _matrix(frame["probabilities"], "probabilities", n_classes)
-    if not (np.isfinite(x).all() and np.isfinite(probs).all()):
-        raise WindowError("columns 'inputs'/'probabilities': hold NaN or infinite values")
+    for name, values in (("inputs", x), ("probabilities", probs)):
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if len(bad):
+            raise WindowError(f"column {name!r}: row {_row_name(frame, bad[0])} holds NaN or infinite values")
 
     def numeric(name: str) -> np.ndarray:
         if name not in frame.columns:
@@ -123,7 +129,10 @@ def window_from_frame(frame: pd.DataFrame, model_name: str, n_features: int, n_c
 def load_window(
     store: str, model_name: str, n_features: int, n_classes: int, rows: int | None = None, minutes: float | None = None
 ) -> Window:
-    """The latest `rows` predictions (or those of the last `minutes`) of `model_name` in `store`."""
+    """The latest `rows` predictions (or those of the last `minutes`) of `model_name` in `store`.
+
+    A store that cannot be read as a log, or a stored value that cannot be decoded
+    (`StoredValueError`: names table, column and row), is a `WindowError`."""
     since = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(minutes=minutes) if minutes else None
     try:
         frame = read_predictions(store, model_name=model_name, since=since, last=rows)

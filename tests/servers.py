@@ -17,9 +17,11 @@ __all__ = ["ServerProcess", "free_port", "mlflow_server"]
 
 
 class ServerProcess(Service):
-    def wait_healthy(self, url: str, healthy: Callable[[requests.Response], bool], timeout: float = 180) -> None:
+    def wait_healthy(
+        self, url: str, healthy: Callable[[requests.Response], bool], timeout: float = 180, request_timeout: float = 5
+    ) -> None:
         try:
-            super().wait_healthy(url, healthy, timeout)
+            super().wait_healthy(url, healthy, timeout, request_timeout)
         except ServiceError as exc:
             pytest.fail(f"server {exc}")
 

@@ -119,3 +119,73 @@ def test_console_script_exits_2_without_traceback(tmp_path, tracking_uri):
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
     assert f"invalid config {path}" in proc.stderr and "distill.temperature = -3" in proc.stderr
+
+
+# -- hostile and careless files: one line, exit 2, at once -------------------------------------
+_BOMB = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['x'] * 9)}]\n"
+    for prev, name in zip([None, *"abcdefgh"], "abcdefghi")
+)
+
+
+def test_an_alias_bomb_is_refused_before_anything_expands(tmp_path, capsys):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_BOMB)  # 9^9 = 387 million strings once expanded, from about 320 bytes
+    assert len(_BOMB) < 400
+    err = _distill_error(capsys, [str(path)])
+    assert str(path) in err and "YAML aliases" in err and len(err.strip().splitlines()) == 1
+    # The same bomb as the value of an otherwise valid key, and behind --set.
+    path.write_text(_BOMB.replace("i: &i", "seed: &i"))
+    assert "YAML aliases" in _distill_error(capsys, [str(path)])
+    good = _write(tmp_path, tiny_raw("sqlite:///unused.db"))
+    small = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x, x]", *["*a"] * 8]) + "]"  # 81 values: fine
+    with pytest.raises(ConfigError, match=r"seed = .*\(from --set\): Input should be a valid integer"):
+        load_config(good, [f"seed={small}"])
+    with pytest.raises(ConfigError, match="--set distill.params: expands to more than"):
+        load_config(good, [f"distill.params={{x: {_nested_bomb()}}}"])
+
+
+def _nested_bomb() -> str:
+    """A flow-style bomb for one --set value: each level repeats the previous anchor nine times."""
+    text = "&l0 [x, x, x, x, x, x, x, x, x]"
+    for level in range(1, 9):
+        text = f"&l{level} [{text}, {', '.join([f'*l{level - 1}'] * 8)}]"
+    return text
+
+
+def test_a_value_shown_in_an_error_costs_the_same_however_large_it_is(tmp_path, capsys):
+    shared = list(range(5))
+    for _ in range(40):  # 5 * 2^40 leaves if walked: a repr() of it would never finish
+        shared = [shared, shared]
+    from kd_ops.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=r"seed = \[\[\[") as err:
+        config_from_dict({"seed": shared})
+    assert len(str(err.value)) < 400
+
+
+def test_a_config_that_is_not_utf8_names_the_byte_and_line(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("seed: 0\nregistry:\n  name: café\n".encode("latin-1"))
+    err = _distill_error(capsys, [str(path)])
+    assert f"config {path} is not UTF-8 text: byte 0xe9 at line 3" in err
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+
+
+def test_configs_over_the_size_limit_and_thousands_of_bad_keys(tmp_path, capsys):
+    from kd_ops.config import MAX_CONFIG_BYTES, MAX_ERROR_LINES
+
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("x" * (MAX_CONFIG_BYTES + 1))
+    err = _distill_error(capsys, [str(huge)])
+    assert f"{MAX_CONFIG_BYTES + 1:,} bytes, over the limit" in err
+    many = tmp_path / "many.yaml"
+    many.write_text("".join(f"bad_key_{i}: {i}\n" for i in range(30_000)))  # ~560 KB, under the limit
+    err = _distill_error(capsys, [str(many)])
+    lines = err.strip().splitlines()
+    assert "bad_key_0 = 0: unknown key" in err and lines[-1].strip() == f"... and {30_000 - MAX_ERROR_LINES} more problems"
+    assert len(lines) == MAX_ERROR_LINES + 2  # the heading, one screen of problems, the count
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("seed: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert "not valid YAML" in _distill_error(capsys, [str(nested)])

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from kd_ops.cli import main
 from kd_ops.ensemble import TeacherEnsemble
 from kd_ops.evaluation import COMMON_METRICS, STUDENT_METRICS
-from kd_ops.strategies import mutual_loss
+from kd_ops.strategies.mutual import mutual_loss
 from kd_ops.tracking import TAG_ROLE, TAG_TEACHER_URI
 
 from .conftest import tiny_raw
@@ -199,7 +199,9 @@ def test_teacher_weights_must_fit_the_teachers(tmp_path, capsys, tracking_uri):
 
 
 @pytest.mark.slow
-def test_sklearn_student_registered_and_served_by_pyfunc(distilled, tmp_path, capsys, tracking_uri, teacher_uri):
+def test_sklearn_student_registered_and_served_by_pyfunc(
+    distilled, tmp_path, capsys, tracking_uri, teacher_uri, monkeypatch
+):
     raw = _raw(tracking_uri, tmp_path)
     raw["teacher"] = {"uri": teacher_uri}
     raw["distill"].update(
@@ -209,6 +211,8 @@ def test_sklearn_student_registered_and_served_by_pyfunc(distilled, tmp_path, ca
     assert set(COMMON_METRICS) <= set(out["baseline"]) and set(COMMON_METRICS) <= set(out["student"])
     _, first = distilled
     x, _ = first.datamodule.arrays("test")
+    # MLflow's own loaders as a user outside kd-ops has them (kd-ops sets this false for its process).
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
     model = mlflow.pyfunc.load_model(f"models:/method-student/{out['registered']['version']}")
     probs = np.asarray(model.predict(x[:10]))
     assert probs.shape == (10, 10)

@@ -151,6 +151,10 @@ def test_bad_windows_are_named():
     labels["label"] = ["3", "x", "1"]
     with pytest.raises(WindowError, match="column 'label'"):
         window_from_frame(labels, "m", 64, 10)
+    nan = _frame()
+    nan.at[2, "probabilities"] = [float("nan")] + [0.1] * 9
+    with pytest.raises(WindowError, match="column 'probabilities': row id='p2' holds NaN or infinite values"):
+        window_from_frame(nan, "m", 64, 10)
     assert window_from_frame(_frame(0), "m", 64, 10).rows == 0
 
 
@@ -165,3 +169,29 @@ def test_evidently_accuracy_is_computed_on_the_rows_given():
     assert evidently_accuracy(pred, labels) == pytest.approx(4 / 6)
     assert evidently_accuracy(pred[:2], labels[:2]) == 1.0  # a slice: its own rows only
     assert evidently_accuracy(np.array([2, 2]), np.array([2, 1])) == 0.5  # classes missing from the slice
+
+
+def test_the_warn_band_of_the_estimated_accuracy_drop_needs_significance_too(distilled, reference):
+    """Clean traffic lands an estimate a point or three under the reference by chance (the demo's first
+    window warned at 0.030 > 0.03): both bands now ask the same Fisher test as accuracy does."""
+    from monitors.monitor import estimate_drop_p_value
+
+    cfg = MonitorConfig()
+    warn = cfg.thresholds.estimated_accuracy_drop.warn
+    chance = reference.accuracy - (warn + 0.005)
+    metrics = {"estimated_accuracy_drop": warn + 0.005}
+    metrics["estimated_accuracy_drop_p_value"] = estimate_drop_p_value(chance, 1000, reference)
+    status, reasons, notes = decide(metrics, cfg)
+    assert metrics["estimated_accuracy_drop_p_value"] > cfg.rate_p_value
+    assert status == "ok" and not reasons
+    assert any("estimated_accuracy_drop" in n and "not significant" in n for n in notes)
+    # A real collapse is significant and alerts.
+    collapse = max(0.0, reference.accuracy - 0.3)
+    metrics = {"estimated_accuracy_drop": reference.accuracy - collapse}
+    metrics["estimated_accuracy_drop_p_value"] = estimate_drop_p_value(collapse, 1000, reference)
+    status, reasons, _ = decide(metrics, cfg)
+    assert status == "alert" and reasons[0].signal == "estimated_accuracy_drop"
+    # judge() computes the p-value beside the estimate.
+    _, result = distilled
+    out = judge(_window(result, "clean", 800, split="val"), reference, cfg)
+    assert 0 <= out.metrics["estimated_accuracy_drop_p_value"] <= 1

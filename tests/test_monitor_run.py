@@ -119,3 +119,44 @@ def test_monitor_without_enough_rows_or_reference(deployed, capsys):
         assert "has no version 999" in capsys.readouterr().err
     finally:
         receiver.close()
+
+
+def test_monitor_names_a_stored_value_it_cannot_decode(deployed, tmp_path, capsys):
+    """A row whose probabilities text holds NaN (written by hand: orjson itself writes null) is one
+    line naming table, column and row, exit code 2; not orjson's bare message."""
+    import sqlite3
+
+    from kd_ops.cli import main
+
+    store = tmp_path / "predictions.db"
+    log = PredictionLog.open_sync(f"sqlite:///{store}")
+    x, _ = sample(deployed["result"].datamodule, "clean", 20, seed=2)
+    version = deployed["result"].registered["version"]
+    probs = np.full((20, 10), 0.1, np.float32)
+    log.write(predictions, prediction_batch("monitor-student", version, x, probs, [{}] * 20))
+    log.close()
+    with sqlite3.connect(store) as conn:
+        conn.execute(
+            "INSERT INTO kd_ops_predictions (id, created_at, model_name, model_version, request_id, row_index,"
+            " inputs, probabilities, predicted_class, confidence, slices)"
+            " VALUES (?, ?, ?, ?, ?, 0, ?, ?, 0, 0.5, '{}')",
+            (
+                "f" * 32,
+                "2999-01-01 00:00:00.000000",
+                "monitor-student",
+                version,
+                "e" * 32,
+                "[" + ", ".join(["0.0"] * 64) + "]",
+                "[NaN" + ", 0.1" * 9 + "]",
+            ),
+        )
+    receiver = Receiver()
+    try:
+        config = _config(deployed, receiver, store=f"sqlite:///{store}")
+        assert main(["monitor", config, "--no-record"]) == 2
+    finally:
+        receiver.close()
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("kd-ops:")]
+    assert "table kd_ops_predictions, column probabilities, row id='" + "f" * 32 + "'" in line
+    assert "not valid JSON" in line and "Traceback" not in err

@@ -306,6 +306,9 @@ def test_shadow_teacher_scores_off_the_request_path_and_shutdown_keeps_its_work(
         ([NAME, "--store", "not a url"], "--store"),
         ([NAME, "--shadow-fraction", "1.5"], "--shadow-fraction"),
         ([NAME, "--no-log", "--shadow-fraction", "0.1"], "--shadow-fraction needs the prediction log"),
+        ([NAME, "--host", "0.0.0.0"], "--host 0.0.0.0: listening on every interface needs"),
+        ([NAME, "--host", "::"], "--allowed-host NAME"),
+        ([NAME, "--allowed-host", "api.example:8080"], "--allowed-host 'api.example:8080'"),
     ],
 )
 def test_serve_refuses_bad_settings_before_opening_the_port(registry, tmp_path, capsys, monkeypatch, args, message):
@@ -318,3 +321,247 @@ def test_serve_refuses_bad_settings_before_opening_the_port(registry, tmp_path, 
     )
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+# -- issue 14: drive-by requests, DNS rebinding, feedback echo and replays, /health, /invocations ----
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_browser_drive_bys_and_rebinding_hosts_are_refused_and_nothing_is_logged(registry, tmp_path):
+    served = start_server(registry, tmp_path)
+    try:
+        row = registry["x"][0].tolist()
+        body = json.dumps({"rows": [row]})
+        port = served.url.rsplit(":", 1)[1]
+        assert served.predict([row]).status_code == 200
+        before = served.count()
+        # What a web page can send cross-origin without a CORS preflight: text/plain, forms (and no type).
+        page = {"Origin": "http://evil.example"}
+        drive_bys = [
+            ("/predict", {"data": body, "headers": {**page, "Content-Type": "text/plain"}}),
+            ("/predict", {"data": body, "headers": {**page, "Content-Type": "text/plain;charset=UTF-8"}}),
+            ("/predict", {"data": {"rows": "1"}, "headers": page}),  # application/x-www-form-urlencoded
+            ("/predict", {"files": {"rows": ("r.json", body)}, "headers": page}),  # multipart/form-data
+            ("/predict", {"data": body, "headers": {**page, "Content-Type": ""}}),
+            ("/predict", {"data": body, "headers": {"Content-Type": "application/json; charset=latin-1"}}),
+            ("/invocations", {"data": json.dumps({"inputs": [row]}), "headers": {**page, "Content-Type": "text/csv"}}),
+            ("/feedback", {"data": "{}", "headers": {**page, **AUTH, "Content-Type": "text/plain"}}),
+        ]
+        for path, kw in drive_bys:
+            r = requests.post(f"{served.url}{path}", timeout=30, **kw)
+            assert r.status_code == 415, (path, kw, r.text)
+            assert r.json()["field"] == "Content-Type" and "Content-Type" in r.json()["detail"]
+            assert r.json()["errors"] == [{"field": "Content-Type", "message": r.json()["detail"]}]
+        ok = requests.post(
+            f"{served.url}/predict", data=body, headers={"Content-Type": "Application/JSON; charset=utf-8"}, timeout=30
+        )
+        assert ok.status_code == 200, ok.text
+
+        # DNS rebinding: the page's own name, now resolving to 127.0.0.1, arrives in the Host header.
+        evil = {"Host": f"evil.example:{port}"}
+        for method, path, kw in [
+            ("post", "/predict", {"json": {"rows": [row]}}),
+            ("post", "/invocations", {"json": {"inputs": [row]}}),
+            ("post", "/feedback", {"json": {"labels": [{"prediction_id": "a", "label": 1}]}, "headers": AUTH}),
+            ("get", "/health", {}),
+            ("get", "/model", {}),
+            ("get", "/openapi.json", {}),
+        ]:
+            headers = {**kw.pop("headers", {}), **evil}
+            r = requests.request(method, f"{served.url}{path}", headers=headers, timeout=30, **kw)
+            assert r.status_code == 400, (path, r.text)
+            assert r.json()["field"] == "Host" and "evil.example" in r.json()["detail"]
+        for host in (f"localhost:{port}", f"[::1]:{port}", "127.0.0.1", "LOCALHOST.:1"):  # loopback names, any port
+            assert requests.get(f"{served.url}/health", headers={"Host": host}, timeout=10).status_code == 200, host
+        assert served.count() == before + 1  # only the one application/json request was logged
+    finally:
+        served.proc.stop()
+
+    allowed = start_server(registry, tmp_path, "--allowed-host", "evil.example", store=served.store)
+    try:
+        port = allowed.url.rsplit(":", 1)[1]
+        r = requests.post(
+            f"{allowed.url}/predict", json={"rows": [row]}, headers={"Host": f"evil.example:{port}"}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        other = requests.get(f"{allowed.url}/health", headers={"Host": f"other.example:{port}"}, timeout=10)
+        assert other.status_code == 400
+        frame = read_predictions(allowed.store)
+        assert len(frame) == before + 2 and frame["id"].iloc[-1] == r.json()["predictions"][0]["id"]
+    finally:
+        allowed.proc.stop()
+
+
+def test_host_policy_names():
+    from kd_ops.config import ConfigError
+    from kd_ops.serving import LOOPBACK_NAMES, host_policy
+
+    assert host_policy("127.0.0.1") == LOOPBACK_NAMES
+    assert host_policy("::1", ["api.example"]) == LOOPBACK_NAMES | {"api.example"}
+    assert host_policy("10.1.2.3") == {"10.1.2.3"}  # not loopback: only its own address
+    assert host_policy("0.0.0.0", ["API.example.", "[::1]"]) == {"api.example", "::1"}
+    assert host_policy("::", ["*"]) is None
+    for bound, allowed in [("0.0.0.0", []), ("::", []), ("127.0.0.1", ["api.example:8080"]), ("::1", ["http://a"])]:
+        with pytest.raises(ConfigError):
+            host_policy(bound, allowed)
+
+
+def test_feedback_echo_is_capped_and_a_replayed_request_id_stores_once(server, registry):
+    r = server.predict(registry["x"][:3])
+    assert r.status_code == 200
+    ids = [p["id"] for p in r.json()["predictions"]]
+    post = lambda body: requests.post(f"{server.url}/feedback", json=body, headers=AUTH, timeout=60)  # noqa: E731
+
+    unknown = [{"prediction_id": f"{i:032x}", "label": 1} for i in range(5000)]
+    r = post({"labels": [{"prediction_id": ids[0], "label": 1}, *unknown]})
+    assert r.status_code == 422
+    assert len(r.content) < 4000, len(r.content)  # not an echo of 5,000 ids
+    body = r.json()
+    assert body["unknown_ids"] == 5000 and "5000 unknown prediction ids" in body["detail"]
+    assert body["field"] == "labels[1].prediction_id" and len(body["errors"]) == 20
+    assert body["errors"][19] == {"field": "labels[20].prediction_id", "message": "unknown prediction id"}
+
+    labels = [{"prediction_id": pid, "label": k} for k, pid in enumerate(ids)]
+    first = post({"labels": labels, "request_id": "retry-me-1"})
+    assert first.status_code == 200 and first.json() == {"stored": 3}
+    again = post({"labels": labels, "request_id": "retry-me-1"})
+    assert again.status_code == 200 and again.json() == {"stored": 3, "replayed": True}
+    # A correction sent meanwhile stays the latest label: the replay did not make the old one latest again.
+    assert post({"labels": [{"prediction_id": ids[0], "label": 7}]}).json() == {"stored": 1}
+    assert post({"labels": labels, "request_id": "retry-me-1"}).json() == {"stored": 3, "replayed": True}
+    other = post({"labels": labels[:1], "request_id": "retry-me-1"})
+    assert other.status_code == 409 and other.json()["field"] == "request_id"
+    assert post({"labels": labels, "request_id": "has space"}).status_code == 422
+
+    # Racing copies of one request: the request table's primary key lets one commit; the others replay.
+    race = [{"prediction_id": ids[1], "label": 9}]
+    answers: list[requests.Response] = []
+    barrier = threading.Barrier(6)
+
+    def send() -> None:
+        barrier.wait()
+        answers.append(post({"labels": race, "request_id": "raced"}))
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(a.status_code for a in answers) == [200] * 6, [a.text for a in answers]
+    assert sorted(a.json().get("replayed", False) for a in answers) == [False] + [True] * 5
+
+    frame = read_predictions(server.store)
+    assert frame.set_index("id").loc[ids, "label"].tolist() == [7, 9, 2]
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(server.store)
+    try:
+        with engine.connect() as conn:
+            n_labels = conn.execute(sa.text("SELECT count(*) FROM kd_ops_feedback")).scalar_one()
+            requests_ = conn.execute(sa.text("SELECT request_id, stored FROM kd_ops_feedback_requests")).all()
+    finally:
+        engine.dispose()
+    assert n_labels == 3 + 1 + 1  # the first request, the correction, one raced copy
+    assert sorted(map(tuple, requests_)) == [("raced", 1), ("retry-me-1", 3)]
+    health = requests.get(f"{server.url}/health", timeout=10).json()
+    assert health["status"] == "ok", health  # a refused racing copy is not a failing store
+
+
+def test_health_is_degraded_while_commits_fail_and_ok_after(registry, tmp_path):
+    served = start_server(registry, tmp_path)
+    path = served.store.removeprefix("sqlite:///")
+    try:
+        x = registry["x"][:2]
+        assert served.predict(x).status_code == 200
+        before = served.count()
+        with sqlite3.connect(path) as conn:  # the store itself refuses every new prediction
+            conn.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON kd_ops_predictions"
+                " BEGIN SELECT RAISE(ABORT, 'kd-ops test: this store refuses writes'); END"
+            )
+        for n in (1, 2):
+            r = served.predict(x)
+            assert r.status_code == 503 and "not served" in r.json()["detail"], r.text
+            h = requests.get(f"{served.url}/health", timeout=10)
+            assert h.status_code == 200 and h.json()["status"] == "degraded", h.text
+            assert h.json()["log"]["consecutive_failed_commits"] == n
+            assert "this store refuses writes" in h.json()["log"]["last_commit_error"]
+        with sqlite3.connect(path) as conn:
+            conn.execute("DROP TRIGGER refuse")
+        assert served.predict(x).status_code == 200
+        h = requests.get(f"{served.url}/health", timeout=10).json()
+        assert h["status"] == "ok" and h["log"]["consecutive_failed_commits"] == 0, h
+        assert h["log"]["last_commit_error"] is None and h["log"]["failed_commits"] == 2
+        assert served.count() == before + 2
+    finally:
+        served.proc.stop()
+
+
+def test_invocations_speaks_mlflows_scoring_protocol_and_logs_like_predict(server, registry):
+    x = registry["x"][:5]
+    rows = x.tolist()
+    expected = np.array([p["probabilities"] for p in server.predict(x).json()["predictions"]])
+    before = server.count()
+    columns = [f"f{i}" for i in range(x.shape[1])]
+    bodies = [
+        {"inputs": rows},
+        {"instances": rows},
+        {"dataframe_split": {"columns": columns, "data": rows}},
+        {"dataframe_split": {"columns": list(range(x.shape[1])), "data": rows, "index": [0, 1, 2, 3, 4]}},
+    ]
+    ids = []
+    for body in bodies:
+        r = requests.post(f"{server.url}/invocations", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["predictions"]), expected, rtol=1e-6)
+        assert len(r.json()["prediction_ids"]) == 5
+        ids += r.json()["prediction_ids"]
+    frame = read_predictions(server.store, ids=ids)
+    assert sorted(frame["id"]) == sorted(ids) and server.count() == before + 20
+    np.testing.assert_allclose(np.stack(frame["probabilities"]), np.tile(expected, (4, 1)), rtol=1e-5)
+    np.testing.assert_allclose(np.stack(frame["inputs"]), np.tile(x, (4, 1)), rtol=1e-6)
+    assert set(frame["slice_ink"]) <= {"low", "mid", "high"}  # the server's own slices, as /predict logs them
+
+    row = rows[0]
+    bad = [
+        ({"inputs": [row[:-1]]}, "inputs[0]"),
+        ({"instances": [row[:3] + ["x"] + row[4:]]}, "instances[0][3]"),
+        ({"dataframe_split": {"columns": columns[:-1], "data": [row]}}, "dataframe_split.columns"),
+        ({"dataframe_split": {"columns": columns, "data": [row[:-1]]}}, "dataframe_split.data[0]"),
+        ({"dataframe_split": {"columns": ["a"] * len(row), "data": [row]}}, "dataframe_split.columns"),
+        ({"inputs": [row], "instances": [row]}, "body"),
+        ({}, "body"),
+        ({"inputs": [row], "params": {}}, "params"),
+    ]
+    for body, field in bad:
+        r = requests.post(f"{server.url}/invocations", json=body, timeout=30)
+        assert r.status_code == 422 and r.json()["field"] == field, (field, r.text)
+    assert server.count() == before + 20
+
+
+def test_add_feedback_from_a_thread_takes_a_request_id_too(tmp_path):
+    from kd_ops.prediction_log import (
+        PredictionLog,
+        ReusedRequestId,
+        UnknownPredictions,
+        feedback,
+        prediction_batch,
+        predictions,
+    )
+
+    plog = PredictionLog.open_sync(f"sqlite:///{tmp_path}/p.db")
+    try:
+        x = np.zeros((2, 3), dtype=np.float32)
+        plog.write(predictions, prediction_batch("m", "1", x, np.full((2, 2), 0.5, np.float32), [{}, {}], ["p0", "p1"]))
+        labels = [("p0", 1), ("p1", 0)]
+        assert plog.add_feedback(labels, request_id="r-1") == 2
+        assert plog.add_feedback(labels, request_id="r-1") == 2  # a replay: nothing new
+        with pytest.raises(ReusedRequestId):
+            plog.add_feedback([("p0", 0)], request_id="r-1")
+        with pytest.raises(UnknownPredictions, match="1 unknown prediction id: "):
+            plog.add_feedback([("nope\x00", 1)], request_id="r-2")
+        assert plog.add_feedback(labels) == 2 and plog.add_feedback(labels) == 2  # without an id, every call stores
+        assert plog.count(feedback) == 6
+        assert plog.failing_commits == 0 and plog.last_commit_error is None
+    finally:
+        plog.close()

@@ -2,8 +2,9 @@
 
 `distill.method` names either a loss (`kd`, `dkd`, `hint`, `attention`, `rkd`, `pkt`, `crd`),
 trained against a frozen teacher with weight `kd_weight` and params `distill.params`, or a
-training strategy (`mutual`, `born_again`, `sklearn`, `none`) that the pipeline runs
-differently. `distill.losses` adds further weighted terms to any method, e.g. KD plus a hint.
+training strategy (`mutual`, `born_again`, `sklearn`, `none`, see `kd_ops.strategies`).
+`distill.losses` adds further weighted terms to any method, e.g. KD plus a hint. Register your
+own loss: a `DistillLoss` subclass in its own file with `@LOSSES.register("name")`.
 """
 
 from __future__ import annotations
@@ -13,26 +14,19 @@ from kd_ops.losses import attention, crd, dkd, hint, kd, pkt, rkd  # noqa: F401 
 from kd_ops.losses.base import LOGITS, LOSSES, DistillLoss, Step, taps_of
 from kd_ops.losses.kd import kd_loss
 
-# Strategies: how students are trained, beyond a list of loss terms. Value: the loss term the
-# strategy's students use against their teacher (None: labels only, or not a Lightning student).
-STRATEGIES: dict[str, str | None] = {"none": None, "mutual": None, "born_again": "kd", "sklearn": None}
-
-
-def method_names() -> list[str]:
-    return sorted({*LOSSES.names(), *STRATEGIES})
-
-
 def build_loss(name: str, weight: float, params: dict, temperature: float) -> DistillLoss:
     cls = LOSSES.get(name)
     return cls(weight, cls.Params.model_validate(params), temperature)
 
 
-def build_losses(cfg: DistillConfig) -> list[DistillLoss]:
-    """The weighted loss terms (besides cross-entropy) a student of this config trains with."""
+def build_losses(cfg: DistillConfig, own: str | None = None) -> list[DistillLoss]:
+    """The weighted loss terms (besides cross-entropy) a student of this config trains with: `own`
+    (the method's loss against the teacher, weight `kd_weight`; by default `distill.method` when it
+    names a loss), then `distill.losses`."""
     terms: list[DistillLoss] = []
-    own = STRATEGIES.get(cfg.method, cfg.method)
+    own = own if own is not None else (cfg.method if cfg.method in LOSSES else None)
     if own is not None:
-        params = cfg.params if cfg.method in LOSSES else {}
+        params = cfg.params if cfg.method == own else {}
         terms.append(build_loss(own, cfg.kd_weight, params, cfg.temperature))
     for spec in cfg.losses:
         terms.append(build_loss(spec.name, spec.weight, spec.params, cfg.temperature))
@@ -42,12 +36,10 @@ def build_losses(cfg: DistillConfig) -> list[DistillLoss]:
 __all__ = [
     "LOGITS",
     "LOSSES",
-    "STRATEGIES",
     "DistillLoss",
     "Step",
     "build_loss",
     "build_losses",
     "kd_loss",
-    "method_names",
     "taps_of",
 ]

@@ -1,17 +1,12 @@
-"""Training strategies beyond "frozen teacher + loss terms": their params and modules.
-
-- `mutual` (deep mutual learning, Zhang et al. 2018): two or more peers learn together, each
-  pulled towards the others' predictions; none is frozen, no pre-trained teacher is needed.
-- `born_again` (Furlanello et al. 2018): generation k teaches generation k+1 of the same
-  architecture; the pipeline runs the chain (see `kd_ops.pipeline`).
-- `sklearn`: a scikit-learn model fitted on the teacher's soft targets (`kd_ops.sklearn_student`).
-"""
+"""`mutual` (deep mutual learning, Zhang et al. 2018): two or more peers learn together, each
+pulled towards the others' predictions; none is frozen, no pre-trained teacher is needed."""
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
+import mlflow
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -20,30 +15,11 @@ from torch import nn
 from kd_ops.distill import DistillationModule
 from kd_ops.losses.kd import kd_loss
 from kd_ops.models import Params
+from kd_ops.strategies.strategy import Strategy, StudentTrainer, register_strategy
 
 
 class MutualParams(Params):
     peers: int = Field(2, ge=2, le=8, description="students trained together")
-
-
-class BornAgainParams(Params):
-    generations: int = Field(2, ge=1, le=10, description="student generations after the teacher")
-
-
-class SklearnParams(Params):
-    model: str = Field("decision_tree", description="decision_tree, gradient_boosting or logistic_regression")
-    params: dict[str, Any] = Field(default_factory=dict)
-    jitter_copies: int = Field(0, ge=0, le=50, description="noisy copies of each transfer row, labelled by the teacher")
-    jitter: float = Field(0.1, ge=0, description="std of the copies' noise, in standardized units")
-    min_weight: float = Field(1e-3, ge=0, lt=1, description="soft-target probabilities below this are dropped")
-    hard_labels: bool = Field(False, description="fit on the true labels instead (the baseline)")
-
-
-STRATEGY_PARAMS: dict[str, type[Params]] = {
-    "mutual": MutualParams,
-    "born_again": BornAgainParams,
-    "sklearn": SklearnParams,
-}
 
 
 def mutual_loss(logits: list[torch.Tensor], index: int, temperature: float) -> torch.Tensor:
@@ -54,8 +30,6 @@ def mutual_loss(logits: list[torch.Tensor], index: int, temperature: float) -> t
     """
     others = [z for j, z in enumerate(logits) if j != index]
     return sum(kd_loss(logits[index], z.detach(), temperature) for z in others) / len(others)
-
-
 class MutualModule(DistillationModule):
     """Peers trained together: peer i minimises ce_weight·CE + kd_weight·mutual_loss(i).
 
@@ -121,3 +95,23 @@ class MutualModule(DistillationModule):
 
     def export(self) -> nn.Module:
         return copy.deepcopy(self.peers[self.best_peer]).cpu().eval()
+
+
+@register_strategy("mutual")
+class Mutual(Strategy):
+    """Peers of the student's architecture trained together; the best on validation is the student."""
+
+    Params = MutualParams
+    needs_teacher: ClassVar[bool] = False
+
+    def train(self, trainer: StudentTrainer, teacher: Any, initial: Any) -> tuple[Any, float]:
+        mlflow.log_param("peers", self.params.peers)
+        module = MutualModule(
+            copy.deepcopy(initial),
+            self.params.peers,
+            self.cfg.temperature,
+            self.cfg.kd_weight,
+            **trainer.module_kwargs(self.cfg),
+        )
+        seconds = trainer.fit(module)
+        return module.export(), seconds
