@@ -3,7 +3,7 @@
 Three variants on mnist5k (full transfer set), same student initialisation, same batches:
   student   the student alone on labels (method none): the floor,
   live      KD (ce_weight 0.1) with the teacher run on every batch,
-  cached    the same KD, reading the teacher's logits by row from `kd_ops.cache.TeacherCache`
+  cached    the same KD, reading the teacher's logits by row from `kd_ops.distill.cache.TeacherCache`
             (built once before training; its miss and hit times are reported separately).
 The teacher (an untrained CNN: only its cost matters here) must cost at least 10x the student per
 forward; the measured ratio is printed, with a warning when it falls short.
@@ -36,12 +36,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from kd_ops.cache import CacheKey, TeacherCache, compute_teacher_outputs, model_fingerprint
-from kd_ops.config import DataConfig, DistillConfig
-from kd_ops.data import DistillDataModule
-from kd_ops.distill import DistillationModule
-from kd_ops.losses import build_losses
-from kd_ops.models import build_model, freeze, param_count
+from kd_ops.config.training import DataConfig, DistillConfig
+from kd_ops.data.datamodule import DistillDataModule
+from kd_ops.distill.cache import CacheKey, TeacherCache, compute_teacher_outputs, model_fingerprint
+from kd_ops.distill.losses import build_losses
+from kd_ops.distill.module import DistillationModule
+from kd_ops.models.zoo import build_model, freeze, param_count
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("student", "live", "cached")

@@ -2,7 +2,7 @@
 
 For each dataset and seed, the example recipe (`examples/<dataset>.yaml`) distils a student with
 `evaluation.edge: [onnx, onnx_int8]`; the student and both exports are scored by the same code
-(`kd_ops.evaluation`, one CPU thread). Prints a table per dataset and writes
+(`kd_ops.evaluation.metrics`, one CPU thread). Prints a table per dataset and writes
 `bench/results/edge_exports.json` and `.md`. Accuracy is mean ± std over seeds; size, peak memory,
 latency and throughput are medians over seeds.
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from kd_ops.config import load_config
-from kd_ops.pipeline import run_distillation
+from kd_ops.config.loading import load_config
+from kd_ops.pipeline.distillation import run_distillation
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -22,8 +22,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from kd_ops.config import load_config
-from kd_ops.pipeline import run_distillation
+from kd_ops.config.loading import load_config
+from kd_ops.pipeline.distillation import run_distillation
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -136,7 +136,7 @@ class _Ref:
     def __init__(self, result):
         from mlflow.tracking import MlflowClient
 
-        from kd_ops.tracking import TAG_TEACHER_URI
+        from kd_ops.registry.tracking import TAG_TEACHER_URI
 
         self.metrics = result.metrics
         self.runs_teacher_uri = (

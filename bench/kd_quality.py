@@ -21,8 +21,8 @@ import time
 import warnings
 from pathlib import Path
 
-from kd_ops.config import load_config
-from kd_ops.pipeline import run_distillation
+from kd_ops.config.loading import load_config
+from kd_ops.pipeline.distillation import run_distillation
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -116,7 +116,7 @@ def main() -> None:
 def _teacher_uri(result) -> str:
     from mlflow.tracking import MlflowClient
 
-    from kd_ops.tracking import TAG_TEACHER_URI
+    from kd_ops.registry.tracking import TAG_TEACHER_URI
 
     return MlflowClient(result.tracking_uri).get_run(result.runs["teacher"]).data.tags[TAG_TEACHER_URI]
 

@@ -5,7 +5,7 @@ distilled on clean rows) is distilled into a fresh registry: champion v1. Then p
 
   traffic    `--rows` drifted rows answered by the champion, written to a fresh prediction log
   monitor    `monitors.monitor.run_monitor` on the latest window (recorded in MLflow + Evidently)
-  redistill  `kd_ops.redistill.run_redistillation`: the teacher labels the logged rows, a new
+  redistill  `kd_ops.pipeline.redistill.run_redistillation`: the teacher labels the logged rows, a new
              student is distilled, gated against the champion, promoted or not
   evaluate   accuracy on 1000 fresh rows of the scenario (labels used only here) of the old
              champion, the new one and the teacher; recovery = (new - old) / (old on clean - old)
@@ -46,15 +46,17 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
-    from kd_ops import promotion
-    from kd_ops.config import config_from_dict
-    from kd_ops.env import apply_offline_defaults
-    from kd_ops.loading import load_model
-    from kd_ops.pipeline import run_distillation
-    from kd_ops.prediction_log import PredictionLog, prediction_batch, predictions
-    from kd_ops.redistill import predict_classes, run_redistillation
-    from kd_ops.reference import probabilities
-    from kd_ops.scenarios import sample
+    from kd_ops.config.loading import config_from_dict
+    from kd_ops.core.env import apply_offline_defaults
+    from kd_ops.data.scenarios import sample
+    from kd_ops.evaluation.reference import probabilities
+    from kd_ops.models.loading import load_model
+    from kd_ops.pipeline.distillation import run_distillation
+    from kd_ops.pipeline.redistill import predict_classes, run_redistillation
+    from kd_ops.prediction_log.client import PredictionLog
+    from kd_ops.prediction_log.protocol import prediction_batch
+    from kd_ops.prediction_log.store import predictions
+    from kd_ops.registry import promotion
     from monitors.monitor import run_monitor
 
     apply_offline_defaults()

@@ -44,8 +44,8 @@ SCENARIOS = ("noise", "shift", "contrast", "prior_shift", "slice_noise")
 
 
 def distil(seed: int, root: Path):
-    from kd_ops.config import config_from_dict
-    from kd_ops.pipeline import run_distillation
+    from kd_ops.config.loading import config_from_dict
+    from kd_ops.pipeline.distillation import run_distillation
 
     raw = digits_recipe(root, f"mq-{seed}", seed, teacher_epochs=10, student_epochs=20, min_steps=400)
     return run_distillation(config_from_dict(raw, "monitor-quality"))
@@ -54,7 +54,7 @@ def distil(seed: int, root: Path):
 def make_window(result, scenario: str, rows: int, seed: int, labelled: float, shadowed: float):
     import torch
 
-    from kd_ops.scenarios import sample
+    from kd_ops.data.scenarios import sample
     from monitors.window import Window
 
     dm = result.datamodule
@@ -99,10 +99,10 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
-    from kd_ops.config import MonitorConfig
-    from kd_ops.env import apply_offline_defaults
-    from kd_ops.reference import build_reference
-    from monitors.monitor import judge
+    from kd_ops.config.monitoring import MonitorConfig
+    from kd_ops.core.env import apply_offline_defaults
+    from kd_ops.evaluation.reference import build_reference
+    from monitors.decision import judge
 
     apply_offline_defaults()
     cfg = MonitorConfig()

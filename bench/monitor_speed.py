@@ -60,9 +60,9 @@ REQUEST_ROWS = 10
 def _setup(dataset: str) -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
 
-    from kd_ops.config import DataConfig
-    from kd_ops.data import DistillDataModule
-    from kd_ops.reference import Reference
+    from kd_ops.config.training import DataConfig
+    from kd_ops.data.datamodule import DistillDataModule
+    from kd_ops.evaluation.reference import Reference
 
     dm = DistillDataModule(DataConfig(name=dataset), seed=0)
     dm.setup()
@@ -85,9 +85,10 @@ def window_part(s: dict[str, Any], sizes: list[int], repeats: int) -> list[dict[
     from evidently.metrics import DriftedColumnsCount, ValueDrift
     from evidently.presets import DataDriftPreset
 
-    from kd_ops.config import MonitorConfig
-    from kd_ops.scenarios import sample
-    from monitors.monitor import _frame, judge
+    from kd_ops.config.monitoring import MonitorConfig
+    from kd_ops.data.scenarios import sample
+    from monitors.decision import judge
+    from monitors.signals import _frame
     from monitors.window import Window
 
     dm, student, ref, x_ref = s["dm"], s["student"], s["ref"], s["x_ref"]
@@ -176,7 +177,7 @@ def build_log(url: str, n: int, pool: dict[str, Any], seed: int = 0) -> dict[str
     """A prediction log of `n` rows, bulk-loaded in the writer's format (see the module docstring).
     The JSON texts are the writer's own (`kd_ops.prediction_log._json` of float32 rows), encoded
     once per pool row; times go through the DateTime type's bind processor, as the writer's do."""
-    from kd_ops.prediction_log import feedback, open_store, predictions, shadow
+    from kd_ops.prediction_log.store import feedback, open_store, predictions, shadow
 
     rng = np.random.default_rng(seed)
     engine = open_store(url, sqlite_sync="OFF")
@@ -252,8 +253,8 @@ def build_log(url: str, n: int, pool: dict[str, Any], seed: int = 0) -> dict[str
 
 def _pool(s: dict[str, Any], size: int = 5000) -> dict[str, Any]:
     """Noisy digits traffic scored by the student, JSON-encoded once per row like the writer does."""
-    from kd_ops.prediction_log import _json
-    from kd_ops.scenarios import sample
+    from kd_ops.data.scenarios import sample
+    from kd_ops.prediction_log.store import _json
 
     x, _ = sample(s["dm"], "noise", size, seed=1)
     x = np.asarray(x, dtype=np.float32)
@@ -269,9 +270,9 @@ def _pool(s: dict[str, Any], size: int = 5000) -> dict[str, Any]:
 
 
 def log_part(s: dict[str, Any], sizes: list[int], stores: list[str], repeats: int, window: int) -> list[dict]:
-    from kd_ops.config import MonitorConfig
-    from kd_ops.prediction_log import read_predictions
-    from monitors.monitor import judge
+    from kd_ops.config.monitoring import MonitorConfig
+    from kd_ops.prediction_log.reader import read_predictions
+    from monitors.decision import judge
     from monitors.window import load_window
 
     ref = s["ref"]

@@ -10,7 +10,7 @@ the store afterwards (every acknowledged row must be there).
   postgres   a throw-away PostgreSQL cluster on 127.0.0.1 (Debian's binaries, `flows.processes.Postgres`),
              fsync on
 
-Also: the teacher-output cache computed by 1 process and by 2 (`kd_ops.distributed`, DDP over
+Also: the teacher-output cache computed by 1 process and by 2 (`kd_ops.distill.distributed`, DDP over
 gloo), for mnist5k's transfer rows and the CNN teacher of `examples/mnist5k.yaml`.
 
     python bench/scale.py                     # ~3 minutes on 2 cores
@@ -32,7 +32,9 @@ from shared import RESULTS, mean_std, save_results  # bench/shared.py (bench/ is
 
 
 def _writer(url: str, seconds: float, in_flight: int, seed: int, out: mp.Queue) -> None:
-    from kd_ops.prediction_log import PredictionLog, prediction_batch, prediction_rows, predictions
+    from kd_ops.prediction_log.client import PredictionLog
+    from kd_ops.prediction_log.protocol import prediction_batch, prediction_rows
+    from kd_ops.prediction_log.store import predictions
 
     rng = np.random.default_rng(seed)
     x = rng.random((1, 64), dtype=np.float32)
@@ -78,11 +80,11 @@ def cache_seconds(processes: int, rounds: int) -> list[float]:
     import yaml
     from shared import ROOT
 
-    from kd_ops.cache import compute_teacher_outputs
-    from kd_ops.config import DataConfig, TeacherConfig, TrainConfig
-    from kd_ops.data import DistillDataModule
-    from kd_ops.distributed import distributed_teacher_outputs
-    from kd_ops.pipeline import _new_model
+    from kd_ops.config.training import DataConfig, TeacherConfig, TrainConfig
+    from kd_ops.data.datamodule import DistillDataModule
+    from kd_ops.distill.cache import compute_teacher_outputs
+    from kd_ops.distill.distributed import distributed_teacher_outputs
+    from kd_ops.pipeline.distillation import _new_model
 
     raw = yaml.safe_load((ROOT / "examples" / "mnist5k.yaml").read_text())
     dm = DistillDataModule(DataConfig(name="mnist5k"), 0)
@@ -109,7 +111,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "scale"))
     args = parser.parse_args()
     from flows.processes import Postgres, server_bin
-    from kd_ops.prediction_log import read_predictions
+    from kd_ops.prediction_log.reader import read_predictions
 
     bin_dir = server_bin()
     if bin_dir is None:

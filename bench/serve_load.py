@@ -52,8 +52,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 def distil_student(root: Path) -> tuple[str, str, str, np.ndarray]:
     """A digits student registered in a fresh SQLite registry: (tracking URI, name, version, test rows)."""
-    from kd_ops.config import config_from_dict
-    from kd_ops.pipeline import run_distillation
+    from kd_ops.config.loading import config_from_dict
+    from kd_ops.pipeline.distillation import run_distillation
 
     raw = digits_recipe(root, "bench-serve")
     result = run_distillation(config_from_dict(raw, "serve-load"))
@@ -292,7 +292,7 @@ def main() -> None:
     args.command = "python " + " ".join(shlex.quote(a) for a in ["bench/serve_load.py", *sys.argv[1:]])
     print(f"command: {args.command}", file=sys.stderr)
 
-    from kd_ops.env import apply_offline_defaults
+    from kd_ops.core.env import apply_offline_defaults
 
     apply_offline_defaults()
     try:
@@ -320,7 +320,7 @@ def main() -> None:
                 finally:
                     server.stop()
                 if variant == VARIANTS[0]:
-                    from kd_ops.prediction_log import read_predictions
+                    from kd_ops.prediction_log.reader import read_predictions
 
                     stored = len(read_predictions(server.store))
                     complete &= stored == out["answered_requests"] * args.batch

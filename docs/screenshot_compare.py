@@ -31,7 +31,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from kd_ops.tracking import TAG_ROLE, sqlite_path
+from kd_ops.registry.tracking import TAG_ROLE, sqlite_path
 
 ROLES = ("teacher", "baseline", "student")
 # The UI opens its Assistant side panel on first load when served from localhost, covering a

@@ -5,7 +5,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kd_ops.config import ConfigError, ExperimentConfig, load_config
+from kd_ops.config.experiment import ExperimentConfig
+from kd_ops.config.loading import load_config
+from kd_ops.core.env import apply_quiet_defaults
+from kd_ops.core.errors import ConfigError
+
+# A Prefect flow run may be a process of its own (started by `kd-ops deploy`): it hides library
+# chatter as the kd-ops that started it does (KD_OPS_QUIET, inherited), before MLflow is imported.
+apply_quiet_defaults()
 
 RETRIES = 3
 RETRY_DELAYS = [2, 10, 30]  # seconds: a tracking server restarting, a database briefly locked

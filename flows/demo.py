@@ -5,7 +5,7 @@
   3. `kd-ops deploy`: the monitor and redistill deployments, served in a subprocess
   4. `kd-ops serve`: the champion on 127.0.0.1, every prediction in DIR/predictions.db
   5. clean traffic over HTTP, the monitor deployment: ok
-  6. drifted traffic (a scenario of `kd_ops.scenarios`), the monitor deployment: alert ->
+  6. drifted traffic (a scenario of `kd_ops.data.scenarios`), the monitor deployment: alert ->
      `kd-ops.monitor.alert` event -> automation -> redistill run: the teacher labels the drifted
      inputs, a new student is distilled, gated against the champion, promoted
   7. the server swaps the new champion in; accuracy on fresh drifted traffic before and after
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from flows.processes import Service, free_port
+from kd_ops.core.env import quiet_requested
 
 BATCH = 50
 
@@ -138,11 +139,13 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
         f"monitor.alerts.state_file={root / 'alerts.json'}",
     ]
     prefect_port, serve_port = free_port(), free_port()
+    quiet = quiet_requested()
     env = {
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        # Prefect's INFO lines only with -v (KD_OPS_QUIET=0); the user's own setting wins.
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL") or ("WARNING" if quiet else "INFO"),
         "KD_OPS_TOKEN": "demo-token-not-secret",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
@@ -164,11 +167,11 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
 
         warnings.filterwarnings("ignore")
         from flows.distill import distill_flow
-        from kd_ops.config import load_config
-        from kd_ops.data import DistillDataModule
-        from kd_ops.loading import load_model
-        from kd_ops.redistill import predict_classes
-        from kd_ops.scenarios import sample
+        from kd_ops.config.loading import load_config
+        from kd_ops.data.datamodule import DistillDataModule
+        from kd_ops.data.scenarios import sample
+        from kd_ops.models.loading import load_model
+        from kd_ops.pipeline.redistill import predict_classes
 
         cfg = load_config(config_path, overrides)
         name = cfg.registry.name

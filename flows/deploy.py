@@ -18,7 +18,8 @@ from typing import Any
 
 from flows.common import config
 from flows.monitor import ALERT_EVENT, model_resource
-from kd_ops.config import ConfigError, ExperimentConfig
+from kd_ops.config.experiment import ExperimentConfig
+from kd_ops.core.errors import ConfigError
 
 
 def _schedules(

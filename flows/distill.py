@@ -1,5 +1,5 @@
 """The distill flow: data -> teacher -> cached soft targets -> student -> evaluate -> register ->
-gates -> promote. Each stage is `kd_ops.pipeline`; here it is one task with retries."""
+gates -> promote. Each stage is `kd_ops.pipeline.distillation`; here it is one task with retries."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from flows.common import RETRIES, RETRY_DELAYS, config, retry_if_transient
 
 @task(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
 def distill(config_path: str, overrides: list[str]) -> dict[str, Any]:
-    from kd_ops.pipeline import run_distillation
+    from kd_ops.pipeline.distillation import run_distillation
 
     return run_distillation(config(config_path, overrides)).to_json()
 

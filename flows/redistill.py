@@ -16,7 +16,7 @@ from flows.common import RETRIES, RETRY_DELAYS, config, retry_if_transient
 
 @task(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
 def recent_redistillation(config_path: str, overrides: list[str]) -> str | None:
-    from kd_ops.redistill import last_redistillation
+    from kd_ops.pipeline.redistill import last_redistillation
 
     cfg = config(config_path, overrides)
     return last_redistillation(cfg)
@@ -24,7 +24,7 @@ def recent_redistillation(config_path: str, overrides: list[str]) -> str | None:
 
 @task(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
 def redistill(config_path: str, overrides: list[str], trigger: str) -> dict[str, Any]:
-    from kd_ops.redistill import run_redistillation
+    from kd_ops.pipeline.redistill import run_redistillation
 
     return run_redistillation(config(config_path, overrides), trigger=trigger).to_json()
 

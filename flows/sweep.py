@@ -24,8 +24,8 @@ def distill_cell(
 ) -> dict:
     import torch
 
-    from kd_ops.pipeline import run_distillation
-    from kd_ops.sweep import as_overrides
+    from kd_ops.pipeline.distillation import run_distillation
+    from kd_ops.pipeline.sweep import as_overrides
 
     torch.set_num_threads(threads)  # cells share the machine's cores
     cfg = config(config_path, [*overrides, *as_overrides(cell), "registry.promote=false"])
@@ -50,8 +50,8 @@ def sweep_flow(
     """Every cell of `grid` distilled in parallel; the cells ranked by the student's `metric`."""
     from mlflow.tracking import MlflowClient
 
-    from kd_ops.sweep import cells, rank, table
-    from kd_ops.tracking import TAG_ROLE, use_experiment
+    from kd_ops.pipeline.sweep import cells, rank, table
+    from kd_ops.registry.tracking import TAG_ROLE, use_experiment
 
     overrides = list(overrides or [])
     cfg = config(config_path, overrides)

@@ -2,6 +2,6 @@
 
 import sys
 
-from kd_ops.cli import main
+from kd_ops.cli.main import main
 
 sys.exit(main())

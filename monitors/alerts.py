@@ -26,7 +26,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
-from kd_ops.config import AlertsConfig, CommandHook, ConfigError, EntryPointHook, WebhookHook, first_line
+from kd_ops.config.monitoring import AlertsConfig, CommandHook, EntryPointHook, WebhookHook
+from kd_ops.core.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 

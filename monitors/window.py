@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from kd_ops.config import ConfigError
-from kd_ops.prediction_log import read_predictions
+from kd_ops.core.errors import ConfigError
+from kd_ops.prediction_log.reader import read_predictions
 
 REQUIRED = ("id", "created_at", "model_version", "inputs", "probabilities", "predicted_class", "confidence")
 

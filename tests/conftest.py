@@ -15,7 +15,7 @@ _HOME = tempfile.mkdtemp(prefix="kd-ops-tests-")
 os.environ.setdefault("PREFECT_HOME", str(Path(_HOME) / "prefect"))
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_HOME}/default.db")
 
-from kd_ops.env import apply_offline_defaults  # noqa: E402
+from kd_ops.core.env import apply_offline_defaults  # noqa: E402
 
 from .postgres import postgres, store_url  # noqa: E402, F401  (PostgreSQL fixtures)
 
@@ -50,8 +50,8 @@ def tracking_uri(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def distilled(tracking_uri):
     """One real distillation (teacher, baseline, student) shared by the read-only tests."""
-    from kd_ops.config import config_from_dict
-    from kd_ops.pipeline import run_distillation
+    from kd_ops.config.loading import config_from_dict
+    from kd_ops.pipeline.distillation import run_distillation
 
     cfg = config_from_dict(tiny_raw(tracking_uri), "tiny")
     return cfg, run_distillation(cfg)

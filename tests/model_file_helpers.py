@@ -1,4 +1,4 @@
-"""Objects that act when a model file holding them is loaded: the payloads of tests/test_model_loading.py.
+"""Objects that act when a model file holding them is loaded: the payloads of tests/models/test_model_loading.py.
 
 Each leaves a marker file behind, so a test can tell whether loading ran code stored in the model.
 Both live in an importable module (skops and pickle refer to classes by module and name).

@@ -1,0 +1,91 @@
+"""Config checks that need the component registries (and so torch).
+
+Kept apart from `kd_ops.config` so that reading a config stays cheap for tools that only need
+its values, while `load_config` still reports every wrong name as a config error.
+"""
+
+from __future__ import annotations
+
+from kd_ops.config.experiment import ExperimentConfig
+from kd_ops.config.training import ModelSection
+from kd_ops.core.errors import ConfigError
+from kd_ops.core.registry import UnknownComponentError, param_errors
+
+
+def check_components(cfg: ExperimentConfig, source: str) -> None:
+    from kd_ops.data.corruptions import CORRUPTIONS
+    from kd_ops.data.datasets import DATASETS
+    from kd_ops.distill.losses import LOSSES
+    from kd_ops.distill.strategies import method_names, strategy_class
+    from kd_ops.models.zoo import MODELS
+
+    problems: list[str] = []
+
+    def lookup(registry, key: str, name: str):
+        try:
+            return registry.get(name)
+        except UnknownComponentError as exc:
+            problems.append(f"{key} = {name!r}: {exc}")
+            return None
+
+    raw = lookup(DATASETS, "data.name", cfg.data.name)
+    for i, section in enumerate([cfg.teacher, *cfg.teachers]):
+        key = "teacher" if i == 0 else f"teachers.{i - 1}"
+        for j, kind in enumerate(section.augment):
+            lookup(CORRUPTIONS, f"{key}.augment.{j}", kind)
+
+    method = cfg.distill.method
+    try:
+        strategy = strategy_class(method)
+    except UnknownComponentError:
+        strategy = None
+        problems.append(f"distill.method = {method!r}: unknown method; known: {', '.join(method_names())}")
+    else:
+        problems += strategy.problems(cfg)
+    for i, spec in enumerate(cfg.distill.losses):
+        cls = lookup(LOSSES, f"distill.losses.{i}.name", spec.name)
+        if cls is not None:
+            problems += param_errors(cls.Params, spec.params, f"distill.losses.{i}.params", f"loss {spec.name!r}")
+
+    sections: list[tuple[str, ModelSection]] = [("teacher", cfg.teacher), ("student", cfg.student)]
+    sections += [(f"teachers.{i}", t) for i, t in enumerate(cfg.teachers)]
+    for key, section in sections:
+        if getattr(section, "uri", None):
+            continue
+        if key == "student" and strategy is not None and not strategy.network_student:
+            continue  # e.g. a scikit-learn student, described in distill.params
+        entry = lookup(MODELS, f"{key}.model", section.model)
+        if entry is not None:
+            problems += param_errors(entry.params, section.params, f"{key}.params", f"model {section.model!r}")
+
+    if raw is not None:
+        n_classes = raw().n_classes
+        bad = [c for c in cfg.data.exclude_classes if not 0 <= c < n_classes]
+        if bad:
+            problems.append(
+                f"data.exclude_classes = {cfg.data.exclude_classes!r}: {bad} not among the classes 0..{n_classes - 1}"
+            )
+        elif len(set(cfg.data.exclude_classes)) >= n_classes:
+            problems.append(f"data.exclude_classes = {cfg.data.exclude_classes!r}: leaves no class in the transfer set")
+
+    problems += gate_problems(cfg.gates)
+
+    if problems:
+        raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(problems))
+
+
+def gate_problems(gates: dict[str, float]) -> list[str]:
+    """Each gate must name a metric an evaluation produces; the message lists the ones it could."""
+    from kd_ops.evaluation.metrics import COMMON_METRICS, STUDENT_METRICS, known_metric
+    from kd_ops.registry.gates import SPECIAL_GATES
+
+    out = []
+    for key, threshold in gates.items():
+        op, metric = key[:3], key[4:]
+        if metric in SPECIAL_GATES:
+            if op != SPECIAL_GATES[metric]:
+                out.append(f"gates.{key} = {threshold!r}: {metric} takes only {SPECIAL_GATES[metric]}_{metric}")
+        elif not known_metric(metric):
+            known = [*STUDENT_METRICS, *COMMON_METRICS, *SPECIAL_GATES, "test_accuracy_slice_<column>_<value>"]
+            out.append(f"gates.{key} = {threshold!r}: unknown metric {metric!r}; known: {', '.join(known)}")
+    return out

@@ -1,0 +1,98 @@
+"""Config sections of a distillation: data, teacher(s), student, method and losses, training."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from kd_ops.config.base import _Section
+
+
+class DataConfig(_Section):
+    name: str = "digits"
+    train_fraction: float = Field(1.0, gt=0, le=1, description="share of the training split used as transfer set")
+    exclude_classes: list[int] = Field(default_factory=list, description="classes left out of the transfer set")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    batch_size: int = Field(64, ge=1)
+
+
+class ModelSection(_Section):
+    model: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    epochs: int = Field(20, ge=1)
+    min_steps: int = Field(
+        0, ge=0, description="train at least this many optimizer steps: small transfer sets get more epochs"
+    )
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class TeacherConfig(ModelSection):
+    model: str = "cnn"
+    uri: str | None = Field(None, description="an existing MLflow model URI used instead of training a teacher")
+    augment: list[str] = Field(
+        default_factory=list, description="corruptions (noise, shift, contrast) a trained teacher learns to read"
+    )
+    augment_share: float = Field(0.5, gt=0, le=1, description="share of each batch that gets a corruption")
+
+
+class StudentConfig(ModelSection):
+    model: str = "mlp"
+
+
+class LossSpec(_Section):
+    name: str
+    weight: float = Field(1.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class CacheConfig(_Section):
+    enabled: bool = Field(True, description="reuse teacher outputs across epochs and runs when inputs do not change")
+    dir: str = Field(".kd-ops/cache", description="where cached teacher outputs are kept")
+    top_k: int | None = Field(None, ge=1, description="keep only the top-k logits per row (many classes)")
+
+
+class DistillConfig(_Section):
+    method: str = "kd"
+    params: dict[str, Any] = Field(default_factory=dict, description="parameters of the method")
+    losses: list[LossSpec] = Field(default_factory=list, description="further weighted loss terms")
+    temperature: float = Field(4.0, gt=0)
+    kd_weight: float = Field(0.9, ge=0)
+    ce_weight: float = Field(0.1, ge=0)
+    jitter: float = Field(
+        0.0, ge=0, description="std of Gaussian noise (in standardized units) added to transfer inputs each step"
+    )
+    mixup: float = Field(
+        0.0, ge=0, description="mixup Beta(a, a) on transfer inputs each step (0 = off); the teacher labels the blends"
+    )
+    baseline: bool = Field(True, description="also train the student on labels alone, for comparison")
+    combine: Literal["average", "weights", "confidence"] = Field(
+        "average", description="how several teachers' predictions are combined"
+    )
+    teacher_weights: list[float] = Field(default_factory=list, description="per teacher, with combine: weights")
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    # Whether kd_weight = ce_weight = 0 leaves nothing to learn depends on the strategy: each
+    # strategy's `problems()` checks it (kd_ops.distill.strategies), so this schema names no method.
+
+
+class TrainConfig(_Section):
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    strategy: str = Field(
+        "auto", description="Lightning strategy: ddp, ddp_spawn (CPU processes with gloo), fsdp, deepspeed, ..."
+    )
+    num_nodes: int = Field(1, ge=1, description="machines in a multi-node Lightning run")
+
+    @model_validator(mode="after")
+    def _fsdp_needs_a_gpu(self) -> "TrainConfig":
+        if self.strategy.startswith("fsdp") and self.accelerator == "cpu":
+            raise ValueError(
+                f"train.strategy = {self.strategy!r} needs a GPU: Lightning's FSDP refuses train.accelerator = 'cpu'"
+                " (use ddp or ddp_spawn on CPU, or set train.accelerator: gpu)"
+            )
+        return self
+
+    deterministic: bool = True
+    progress_bar: bool = True

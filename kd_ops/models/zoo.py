@@ -1,0 +1,132 @@
+"""The model zoo: networks chosen by name, sized by a typed `params` mapping.
+
+Every model takes raw flat feature rows (what a client sends to the server) and carries its
+input normalisation as buffers, so the artefact in MLflow is complete on its own. Each entry
+declares a pydantic params schema: a misspelled size in the YAML is a config error naming the
+key, not a TypeError from a constructor.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from math import prod
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from kd_ops.core.registry import Entry, Registry, entry_decorator
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+MODELS: Registry[Entry] = Registry("model")
+
+
+def register_model(name: str, params: type[Params]):
+    return entry_decorator(MODELS, name, params)
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std with statistics fitted on the training split, stored as buffers."""
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class MLPParams(Params):
+    hidden: list[int] = Field(default_factory=lambda: [64], min_length=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+@register_model("mlp", MLPParams)
+def build_mlp(p: MLPParams, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    width = prod(input_shape)
+    for h in p.hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if p.dropout:
+            layers.append(nn.Dropout(p.dropout))
+        width = h
+    layers.append(nn.Linear(width, n_classes))
+    return nn.Sequential(*layers)
+
+
+class CNNParams(Params):
+    channels: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+    hidden: int = Field(64, ge=1)
+    kernel_size: int = Field(3, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class CNN(nn.Module):
+    """Conv blocks (conv, BN, ReLU, 2x2 max-pool while the map is larger than 2x2), then an MLP head."""
+
+    def __init__(self, p: CNNParams, input_shape: tuple[int, ...], n_classes: int):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"cnn needs image-shaped input (C, H, W), got input shape {input_shape}")
+        self.input_shape = tuple(input_shape)
+        c, h, w = input_shape
+        blocks: list[nn.Module] = []
+        for out in p.channels:
+            blocks += [nn.Conv2d(c, out, p.kernel_size, padding=p.kernel_size // 2), nn.BatchNorm2d(out), nn.ReLU()]
+            if min(h, w) > 2:
+                blocks.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            c = out
+        self.features = nn.Sequential(*blocks)
+        head: list[nn.Module] = [nn.Flatten(), nn.Linear(c * h * w, p.hidden), nn.ReLU()]
+        if p.dropout:
+            head.append(nn.Dropout(p.dropout))
+        head.append(nn.Linear(p.hidden, n_classes))
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.reshape(x.shape[0], *self.input_shape)))
+
+
+@register_model("cnn", CNNParams)
+def build_cnn(p: CNNParams, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    return CNN(p, input_shape, n_classes)
+
+
+def build_model(
+    name: str, params: dict, input_shape: tuple[int, ...], n_classes: int, mean: float = 0.0, std: float = 1.0
+) -> nn.Module:
+    """A registered network behind its input normalisation: `normalize` then `net`."""
+    entry = MODELS.get(name)
+    body = entry.build(entry.params.model_validate(params), tuple(input_shape), n_classes)
+    return nn.Sequential(OrderedDict(normalize=Standardize(mean, std), net=body))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients, for good.
+
+    Sets each submodule's `training` flag directly rather than calling `eval()`: a model loaded
+    from MLflow's `pt2` format (torch.export) refuses `eval()`, and its graph already has eval
+    semantics, so the flag is all there is to set.
+    """
+    for module in model.modules():
+        module.training = False
+    model.requires_grad_(False)
+    return model
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def serialized_size(model: nn.Module) -> int:
+    """Bytes of the saved state_dict: what the weights cost on disk or over the wire."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes

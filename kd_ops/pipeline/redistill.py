@@ -1,0 +1,319 @@
+"""Re-distillation after drift, without new labels: the teacher labels recent production inputs.
+
+The deployed student has drifted away from its traffic; the teacher (bigger, more robust) still
+reads that traffic well. So the transfer set becomes the training data plus the latest
+`redistill.production_rows` inputs from the prediction log, each labelled by the teacher of the
+champion's lineage (a feedback label wins where one arrived). A new student is distilled on it
+and must earn the champion alias on two counts besides the config's own gates:
+
+  recent     on a holdout of those production rows that no model trained on, the new student's
+             accuracy minus the champion's is at least `min_recent_gain` (labels: feedback where
+             it exists, the teacher's otherwise, so this is agreement with the teacher there)
+  reference  on the reference stored with the champion (validation rows with true labels), the
+             new student loses at most `max_reference_drop` against the champion: adapting to
+             the new traffic must not forget the old
+
+Every decision is recorded with the version's gates (`gates.json`, `kd_ops.gate.*` tags), so the
+registry says why a re-distilled student was or was not promoted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kd_ops.config.experiment import ExperimentConfig
+from kd_ops.core.errors import ConfigError
+
+log = logging.getLogger("kd_ops")
+TAG_REDISTILL = "kd_ops.redistill.champion"  # on a re-distilled version: the champion it was made to replace
+TAG_TRIGGER = "kd_ops.redistill.trigger"
+
+
+class NoProductionRows(ConfigError):
+    """The prediction log holds nothing for this model: there is no new traffic to distil on."""
+
+
+@dataclass
+class ProductionSet:
+    """Recent production inputs and the labels the new student learns and is gated on."""
+
+    x: np.ndarray
+    y: np.ndarray  # feedback label where one arrived, else the teacher's class
+    from_feedback: np.ndarray  # bool per row
+    holdout: np.ndarray  # bool per row: kept out of training, used to gate
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "production_rows": int(len(self.y)),
+            "feedback_labels": int(self.from_feedback.sum()),
+            "teacher_labels": int((~self.from_feedback).sum()),
+            "holdout_rows": int(self.holdout.sum()),
+        }
+
+
+@dataclass
+class RedistillResult:
+    model_name: str
+    champion_before: str
+    candidate_version: str | None
+    promoted: bool
+    reason: str
+    champion_after: str | None = None
+    rows: dict[str, int] = field(default_factory=dict)
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # {"recent"|"reference": {model: acc}}
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def teacher_uri_of(client: Any, name: str, version: str) -> str:
+    """The teacher in a version's lineage (comma-separated for an ensemble)."""
+    from kd_ops.registry.tracking import TAG_TEACHER_URI
+
+    uri = client.get_model_version(name, version).tags.get(TAG_TEACHER_URI)
+    if not uri:
+        raise ConfigError(
+            f"{name} v{version} has no {TAG_TEACHER_URI} tag: its teacher is unknown, nothing can relabel"
+        )
+    return uri
+
+
+def predict_classes(model: Any, x: np.ndarray) -> np.ndarray:
+    from kd_ops.evaluation.reference import probabilities
+
+    return probabilities(model, np.asarray(x, dtype=np.float32)).argmax(axis=1)
+
+
+def teacher_classes(teachers: list[Any], x: np.ndarray) -> np.ndarray:
+    """The teacher's class per row; the members of an ensemble vote with their averaged probabilities."""
+    from kd_ops.evaluation.reference import probabilities
+
+    x = np.asarray(x, dtype=np.float32)
+    return np.mean([probabilities(t, x) for t in teachers], axis=0).argmax(axis=1)
+
+
+MIN_HOLDOUT_ROWS = 20  # fewer recent rows to gate on and the recent-gain gate is a coin toss
+
+
+def production_set(cfg: ExperimentConfig, teachers: list[Any], n_features: int, n_classes: int) -> ProductionSet:
+    """The latest `production_rows` inputs of the model from the log, labelled, with a holdout."""
+    from kd_ops.prediction_log.reader import read_predictions
+
+    name, r = cfg.registry.name, cfg.redistill
+    try:
+        frame = read_predictions(cfg.monitor.store, name, last=r.production_rows)
+    except Exception as exc:
+        from kd_ops.core.errors import first_line
+
+        raise ConfigError(f"monitor.store = {cfg.monitor.store!r}: cannot read the prediction log: {first_line(exc)}")
+    if frame.empty:
+        raise NoProductionRows(f"the prediction log {cfg.monitor.store} holds no predictions of {name!r}")
+    x = np.asarray(frame["inputs"].tolist(), dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != n_features:
+        raise ConfigError(f"logged inputs of {name!r} have shape {x.shape}; the dataset has {n_features} features")
+    feedback = frame["label"].to_numpy(dtype=float)
+    # A feedback label that is not one of the model's classes is not trusted: the teacher labels that row.
+    from_feedback = np.isfinite(feedback) & (feedback >= 0) & (feedback < n_classes)
+    y = np.where(from_feedback, np.nan_to_num(feedback), teacher_classes(teachers, x)).astype(np.int64)
+    n_holdout = int(round(r.holdout_fraction * len(y)))
+    if n_holdout < MIN_HOLDOUT_ROWS:
+        raise NoProductionRows(
+            f"{len(y)} logged predictions of {name!r} leave {n_holdout} rows to gate on (at least {MIN_HOLDOUT_ROWS}):"
+            " raise redistill.production_rows or holdout_fraction, or wait for more traffic"
+        )
+    holdout = np.zeros(len(y), dtype=bool)
+    holdout[np.random.default_rng(cfg.seed).permutation(len(y))[:n_holdout]] = True
+    return ProductionSet(x, y, from_feedback, holdout)
+
+
+def redistill_config(cfg: ExperimentConfig, teacher_uri: str) -> ExperimentConfig:
+    """The recipe of `cfg`, with the champion's teacher loaded instead of trained, no baseline and
+    no promotion inside the distillation: the decision is taken here, against the champion."""
+    uris = teacher_uri.split(",")
+    if len(uris) != 1 + len(cfg.teachers):
+        raise ConfigError(
+            f"the champion's lineage names {len(uris)} teacher(s) but the config has {1 + len(cfg.teachers)}"
+            " (teacher + teachers): re-distil with the config the champion was distilled with"
+        )
+    teachers = [t.model_copy(update={"uri": u}) for t, u in zip(cfg.teachers, uris[1:])]
+    return cfg.model_copy(
+        update={
+            "teacher": cfg.teacher.model_copy(update={"uri": uris[0]}),
+            "teachers": teachers,
+            "distill": cfg.distill.model_copy(update={"baseline": False}),
+            "registry": cfg.registry.model_copy(update={"promote": False}),
+        }
+    )
+
+
+def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual") -> RedistillResult:
+    """Distil a new student on training data + teacher-labelled production rows; promote it only
+    if it beats the champion on recent rows and holds on the reference."""
+    from kd_ops.core.env import apply_offline_defaults
+    from kd_ops.data.datamodule import DistillDataModule, ExtraRows
+    from kd_ops.evaluation.reference import load_reference
+    from kd_ops.models.loading import load_for_data
+    from kd_ops.pipeline.distillation import run_distillation
+    from kd_ops.registry import gates, promotion
+    from kd_ops.registry.tracking import open_tracking
+    from kd_ops.serving.served_model import resolve_alias
+
+    apply_offline_defaults()
+    name = cfg.registry.name
+    client = open_tracking(cfg.tracking.uri)  # the lineage teachers' models:/ URIs resolve there too
+    champion = resolve_alias(client, name, promotion.CHAMPION)
+    teacher_uri = teacher_uri_of(client, name, champion)
+    dm = DistillDataModule(cfg.data, cfg.seed)
+    dm.setup()
+    recipe = redistill_config(cfg, teacher_uri)
+    # cfg.allow_pickle (--allow-pickle): consent to load lineage models whose files run code.
+    teachers = [
+        load_for_data(u, dm, f"the teacher of {name} v{champion}", allow_pickle=cfg.allow_pickle)
+        for u in teacher_uri.split(",")
+    ]
+    # Everything the decision needs is loaded before training: a version is never left half-judged.
+    champion_model = load_for_data(f"models:/{name}/{champion}", dm, "champion", allow_pickle=cfg.allow_pickle)
+    reference = load_reference(name, champion, cfg.tracking.uri)
+    prod = production_set(cfg, teachers, dm.n_features, dm.n_classes)
+    train = ~prod.holdout
+    hx, hy = prod.x[prod.holdout], prod.y[prod.holdout]
+    log.info("re-distilling %s (champion v%s) with %s", name, champion, prod.counts())
+
+    tags = {TAG_REDISTILL: champion, TAG_TRIGGER: trigger[:250]}
+    # The new version's reference is the held-out recent traffic it was made for.
+    result = run_distillation(recipe, ExtraRows(prod.x[train], prod.y[train]), tags, ExtraRows(hx, hy))
+    version = result.registered["version"]
+    try:
+        return _decide(cfg, client, result, champion, champion_model, reference, prod, trigger)
+    except BaseException:
+        # The config's gates may have marked the version passed; without the champion gates it is not.
+        client.set_model_version_tag(name, version, gates.TAG_GATES, "failed")
+        raise
+
+
+def _decide(
+    cfg: ExperimentConfig,
+    client: Any,
+    result: Any,
+    champion: str,
+    champion_model: Any,
+    reference: Any,
+    prod: ProductionSet,
+    trigger: str,
+) -> RedistillResult:
+    """The champion gates, recorded with the config's; promotion when all pass and the champion is
+    still the one the candidate was compared with."""
+    from kd_ops.registry import gates, promotion
+    from kd_ops.registry.gates import GateDecision
+    from kd_ops.serving.served_model import resolve_alias
+
+    name, r = cfg.registry.name, cfg.redistill
+    version = result.registered["version"]
+    student = result.models["student"]
+    hx, hy = prod.x[prod.holdout], prod.y[prod.holdout]
+    accuracy = {
+        "recent": {
+            "champion": float((predict_classes(champion_model, hx) == hy).mean()),
+            "candidate": float((predict_classes(student, hx) == hy).mean()),
+        },
+        "reference": {
+            "champion": float((predict_classes(champion_model, reference.x) == reference.labels).mean()),
+            "candidate": float((predict_classes(student, reference.x) == reference.labels).mean()),
+            "teacher": float((predict_classes(result.models["teacher"], reference.x) == reference.labels).mean()),
+        },
+    }
+    gain = accuracy["recent"]["candidate"] - accuracy["recent"]["champion"]
+    drop = accuracy["reference"]["champion"] - accuracy["reference"]["candidate"]
+    where = f"vs champion v{champion}, {int(prod.holdout.sum())} recent rows"
+    ours = [
+        GateDecision(
+            "min_recent_gain_vs_champion",
+            "recent_gain",
+            ">=",
+            gain,
+            r.min_recent_gain,
+            gain >= r.min_recent_gain,
+            where,
+        ),
+        GateDecision(
+            "max_reference_drop_vs_champion",
+            "reference_drop",
+            "<=",
+            drop,
+            r.max_reference_drop,
+            drop <= r.max_reference_drop,
+            f"vs champion v{champion}, {len(reference.labels)} reference rows",
+        ),
+    ]
+    decisions = [GateDecision(**g) for g in result.gates] + ours
+    gates.record(decisions, client, result.runs["student"], name, version)
+    run_id = result.runs["parent"]
+    for part, values in accuracy.items():
+        for model, value in values.items():
+            client.log_metric(run_id, f"{part}_accuracy_{model}", value)
+    client.log_dict(run_id, {"trigger": trigger, **prod.counts()}, "redistill.json")
+
+    failed = [d for d in decisions if not d.passed]
+    promoted = False
+    now = resolve_alias(client, name, promotion.CHAMPION)
+    if not failed and cfg.registry.promote and now == champion:
+        promotion.promote(name, version, uri=cfg.tracking.uri)
+        promoted = True
+    recent = accuracy["recent"]
+    if promoted:
+        reason = (
+            f"promoted v{version} over v{champion}: recent accuracy"
+            f" {recent['champion']:.3f} -> {recent['candidate']:.3f} on {int(prod.holdout.sum())} held-out rows,"
+            f" reference"
+            f" {accuracy['reference']['champion']:.3f} -> {accuracy['reference']['candidate']:.3f}"
+        )
+    elif failed:
+        reason = f"kept v{champion}: " + "; ".join(f"{d.gate} {d.tag_value()}" for d in failed)
+    elif now != champion:
+        reason = f"kept v{now}: the champion changed from v{champion} while v{version} was distilled"
+    else:
+        reason = f"kept v{champion}: every gate passed but registry.promote is false"
+    log.info("re-distillation of %s: %s", name, reason)
+    return RedistillResult(
+        name,
+        champion,
+        version,
+        promoted,
+        reason,
+        promotion.state(name, client).champion,
+        prod.counts(),
+        accuracy,
+        gates.as_json(decisions),
+        run_id,
+    )
+
+
+def last_redistillation(cfg: ExperimentConfig) -> str | None:
+    """Why a re-distillation should not start now: the model was re-distilled within
+    `redistill.cooldown_minutes` (None: go ahead). Versions carry the time, so this holds across
+    processes and restarts."""
+    import time
+
+    cooldown = cfg.redistill.cooldown_minutes * 60_000
+    if cooldown <= 0:
+        return None
+    name = cfg.registry.name
+    now = time.time() * 1000
+    from kd_ops.registry.tracking import open_tracking
+
+    versions = open_tracking(cfg.tracking.uri).search_model_versions(f"name = '{name}'")
+    recent = [v for v in versions if TAG_REDISTILL in v.tags and now - v.creation_timestamp < cooldown]
+    if not recent:
+        return None
+    last = max(recent, key=lambda v: v.creation_timestamp)
+    minutes = (now - last.creation_timestamp) / 60_000
+    return (
+        f"{name} v{last.version} was re-distilled {minutes:.0f} min ago"
+        f" (redistill.cooldown_minutes = {cfg.redistill.cooldown_minutes:g})"
+    )

@@ -1,0 +1,217 @@
+"""The monitor's signals: drift (Evidently), accuracy on labelled rows, label-free estimates, p-values."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kd_ops.config.monitoring import MonitorConfig
+from kd_ops.evaluation.reference import Reference
+from monitors.window import Window
+
+PSI_THRESHOLD = 0.1  # Evidently's own drift flag for PSI (the decision uses monitor.thresholds)
+
+
+# -- label-free estimates -----------------------------------------------------------------------
+def confidence_estimate(reference: Reference, confidence: np.ndarray) -> float:
+    """Accuracy of a window estimated from its confidences: Average Thresholded Confidence (Garg et
+    al., ICLR 2022). On the reference, pick the confidence threshold above which the share of rows
+    equals the reference accuracy; the window's estimate is its share of rows above it. Chosen
+    over calibrating P(correct) on the reference (isotonic or temperature scaling, like NannyML's
+    CBPE): a reference of a few hundred rows holds few errors to calibrate on, while a threshold
+    needs only the accuracy, and it tracked the true accuracy best under every drift scenario
+    (bench/monitor_quality.py)."""
+    ref = np.sort(np.asarray(reference.confidence, dtype=np.float64))
+    conf = np.asarray(confidence, dtype=np.float64)
+    t = float(np.quantile(ref, 1.0 - reference.accuracy, method="lower"))
+    # Saturated students give many equal confidences: rows exactly at the threshold count by the
+    # fraction that makes the reference's own estimate equal its accuracy.
+    above, at = float((ref > t).mean()), float((ref == t).mean())
+    tie = min(max((reference.accuracy - above) / at, 0.0), 1.0) if at else 0.0
+    return float((conf > t).mean() + tie * (conf == t).mean())
+
+
+def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    return float((pred == labels).mean())
+
+
+def drop_p_value(window_hits: np.ndarray, reference_hits: np.ndarray) -> float:
+    """One-sided Fisher exact test that the window's rate (accuracy, agreement) is below the
+    reference's. Both are samples, a hundred or a few hundred rows: a drop of a few points is often
+    their noise, so a threshold alone cries wolf (bench/monitor_quality.py)."""
+    from scipy.stats import fisher_exact
+
+    w, r = int(np.sum(window_hits)), int(np.sum(reference_hits))
+    table = [[w, len(window_hits) - w], [r, len(reference_hits) - r]]
+    return float(fisher_exact(table, alternative="less").pvalue)
+
+
+def estimate_drop_p_value(estimate: float, rows: int, reference: Reference) -> float:
+    """The same one-sided Fisher test for the label-free estimate: ATC's estimate is the window's
+    share of rows above the reference's confidence threshold, and above it the reference holds a
+    share equal to its accuracy, so both sides are counts of rows above one threshold. A 1000-row
+    window on clean traffic lands a point or two under the reference by chance."""
+    n_ref = len(reference.confidence)
+    window_hits = round(estimate * rows)
+    reference_hits = round(reference.accuracy * n_ref)
+    return drop_p_value(
+        np.arange(rows) < window_hits,
+        np.arange(n_ref) < reference_hits,
+    )
+
+
+def _classification(pred: np.ndarray, labels: np.ndarray) -> Any:
+    from evidently import DataDefinition, Dataset, MulticlassClassification
+
+    # Integer classes and no label map: Evidently 0.7.23 raises KeyError on a slice that lacks some
+    # class when given string labels or a `labels` map.
+    df = pd.DataFrame({"target": np.asarray(labels).astype(int), "prediction": np.asarray(pred).astype(int)})
+    definition = DataDefinition(
+        classification=[MulticlassClassification(target="target", prediction_labels="prediction")]
+    )
+    return Dataset.from_pandas(df, data_definition=definition)
+
+
+def evidently_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy by Evidently's `Accuracy` metric, on exactly these rows (so a slice is its own report:
+    `GroupBy` would return the overall value for every group)."""
+    from evidently import Report
+    from evidently.metrics import Accuracy
+
+    with warnings.catch_warnings():  # a one-class slice makes scikit-learn warn about the matrix shape
+        warnings.simplefilter("ignore")
+        snapshot = Report([Accuracy()]).run(_classification(pred, labels), None)
+    return float(snapshot.dict()["metrics"][0]["value"])
+
+
+def quality_report(pred: np.ndarray, labels: np.ndarray, reference: Reference) -> tuple[Any, float]:
+    """Evidently's ClassificationPreset on the labelled rows beside the reference (accuracy, F1,
+    precision and recall by class, confusion matrix): the report a reader opens when accuracy
+    alerts. Returns the snapshot and its accuracy."""
+    from evidently import Report
+    from evidently.presets import ClassificationPreset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        snapshot = Report([ClassificationPreset()]).run(
+            _classification(pred, labels), _classification(reference.predicted, reference.labels)
+        )
+    accuracy = next(m["value"] for m in snapshot.dict()["metrics"] if m["config"]["type"].endswith(":Accuracy"))
+    return snapshot, float(accuracy)
+
+
+# -- Evidently ------------------------------------------------------------------------------------
+def _frame(x: np.ndarray, probs: np.ndarray, slices: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    df = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
+    df["predicted"] = probs.argmax(axis=1).astype(str)
+    df["confidence"] = probs.max(axis=1)
+    for name, values in (slices or {}).items():
+        df[f"slice_{name}"] = np.asarray(values, dtype=str)
+    return df
+
+
+def drift_report(window: Window, reference: Reference, p_value: float) -> tuple[Any, dict[str, float]]:
+    """One Evidently report: per-feature drift and its share, predicted-class and confidence drift."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import DriftedColumnsCount, ValueDrift
+
+    features = [f"f{i}" for i in range(window.x.shape[1])]
+    # Slices the server computed from the rows (ink): a slice that grows or shrinks is drift too,
+    # the one a corruption of one slice only shows first (its rows leave the slice).
+    shared = sorted(set(window.slices) & set(reference.slices))
+    slice_cols = [f"slice_{n}" for n in shared]
+    definition = DataDefinition(
+        numerical_columns=[*features, "confidence"], categorical_columns=["predicted", *slice_cols]
+    )
+    cur_df = _frame(window.x, window.probabilities, {n: window.slices[n] for n in shared})
+    ref_df = _frame(reference.x, reference.probabilities, {n: reference.slices[n] for n in shared})
+    current = Dataset.from_pandas(cur_df, data_definition=definition)
+    ref = Dataset.from_pandas(ref_df, data_definition=definition)
+    # Tests named explicitly: Evidently's defaults switch to distances (not p-values) on large data.
+    metrics = [
+        DriftedColumnsCount(columns=features, num_method="ks", num_threshold=p_value),
+        # Categorical shares by PSI, a distance: a goodness-of-fit test would treat the reference's
+        # few hundred rows as the exact population and alarm on their sampling noise.
+        ValueDrift(column="predicted", method="psi", threshold=PSI_THRESHOLD),
+        ValueDrift(column="confidence", method="ks", threshold=p_value),
+        *(ValueDrift(column=c, method="psi", threshold=PSI_THRESHOLD) for c in slice_cols),
+        *(ValueDrift(column=f, method="ks", threshold=p_value) for f in features),
+    ]
+    with warnings.catch_warnings():  # constant pixels (image borders) make numpy warn inside the tests
+        warnings.simplefilter("ignore", RuntimeWarning)
+        snapshot = Report(metrics).run(current, ref)
+    values = [m["value"] for m in snapshot.dict()["metrics"]]
+    out = {
+        "drift_share": float(values[0]["share"]),
+        "prediction_drift": float(values[1]),
+        "confidence_drift": 1.0 - float(values[2]),
+    }
+    slice_psi = values[3 : 3 + len(slice_cols)]
+    if slice_cols:
+        out["slice_drift"] = float(max(slice_psi))
+        out.update({f"slice_drift_psi_{c.removeprefix('slice_')}": float(v) for c, v in zip(slice_cols, slice_psi)})
+    out.update({f"drift_p_value_{f}": float(v) for f, v in zip(features, values[3 + len(slice_cols) :])})
+    return snapshot, out
+
+
+def quality_metrics(
+    window: Window, reference: Reference, cfg: MonitorConfig
+) -> tuple[Any, dict[str, float], list[str]]:
+    """Accuracy drop on labelled rows, overall (with Evidently's classification report) and per
+    slice, each slice on its own rows. The snapshot is None when too few rows are labelled."""
+    out: dict[str, float] = {}
+    skipped: list[str] = []
+    labelled = np.isfinite(window.labels)
+    if labelled.sum() < cfg.min_labelled_rows:
+        skipped.append(f"accuracy: {int(labelled.sum())} labelled rows < min_labelled_rows {cfg.min_labelled_rows}")
+        return None, out, skipped
+    pred, labels = window.predicted[labelled], window.labels[labelled].astype(int)
+    snapshot, out["accuracy"] = quality_report(pred, labels, reference)
+    out["accuracy_drop"] = reference.accuracy - out["accuracy"]
+    reference_hits = reference.predicted == reference.labels
+    out["accuracy_drop_p_value"] = drop_p_value(pred == labels, reference_hits)
+    judged: list[tuple[float, float]] = []  # (drop, p-value) per slice
+    for name, values in window.slices.items():
+        ref_values = reference.slices.get(name)
+        for level in sorted(set(values[labelled]) - {""}):
+            rows = values[labelled] == level
+            if rows.sum() < cfg.min_slice_rows:
+                skipped.append(f"slice {name}={level}: {int(rows.sum())} labelled rows < min_slice_rows")
+                continue
+            acc = evidently_accuracy(pred[rows], labels[rows])
+            out[f"accuracy_slice_{name}_{level}"] = acc
+            if ref_values is not None and (ref_values == level).sum() >= cfg.min_slice_rows:
+                in_ref = ref_values == level
+                drop = _accuracy(reference.predicted[in_ref], reference.labels[in_ref]) - acc
+                out[f"accuracy_drop_slice_{name}_{level}"] = drop
+                judged.append((drop, drop_p_value(pred[rows] == labels[rows], reference_hits[in_ref])))
+    if judged:
+        # p-values Bonferroni-corrected over the slices compared (or some slice would always look
+        # significant); the signal is the worst significant drop, else the worst drop.
+        judged = [(drop, min(1.0, p * len(judged))) for drop, p in judged]
+        significant = [j for j in judged if j[1] < cfg.rate_p_value]
+        out["slice_accuracy_drop"], out["slice_accuracy_drop_p_value"] = max(significant or judged)
+    return snapshot, out, skipped
+
+
+def label_free_metrics(window: Window, reference: Reference, cfg: MonitorConfig) -> tuple[dict[str, float], list[str]]:
+    out: dict[str, float] = {}
+    skipped: list[str] = []
+    out["estimated_accuracy"] = confidence_estimate(reference, window.confidence)
+    out["estimated_accuracy_drop"] = reference.accuracy - out["estimated_accuracy"]
+    out["estimated_accuracy_drop_p_value"] = estimate_drop_p_value(out["estimated_accuracy"], window.rows, reference)
+    shadowed = np.isfinite(window.teacher_class)
+    if reference.teacher_probabilities is None:
+        skipped.append("agreement: the reference has no teacher probabilities")
+    elif shadowed.sum() < cfg.min_labelled_rows:
+        skipped.append(f"agreement: {int(shadowed.sum())} shadow-scored rows < min_labelled_rows")
+    else:
+        hits = window.predicted[shadowed] == window.teacher_class[shadowed]
+        reference_hits = reference.predicted == reference.teacher_probabilities.argmax(axis=1)
+        out["agreement_with_teacher"] = float(hits.mean())
+        out["agreement_drop"] = float(reference_hits.mean()) - out["agreement_with_teacher"]
+        out["agreement_drop_p_value"] = drop_p_value(hits, reference_hits)
+    return out, skipped
