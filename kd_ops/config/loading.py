@@ -9,6 +9,7 @@ registries (torch models, datasets) live in `kd_ops.catalog`.
 from __future__ import annotations
 
 import copy
+import os
 import reprlib
 from pathlib import Path
 from typing import Any
@@ -161,16 +162,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     path = Path(path)
     source = str(path)
     try:
-        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"config {source} is {path.stat().st_size:,} bytes, over the limit of {MAX_CONFIG_BYTES:,}: "
-                "an experiment config is a page of YAML"
-            )
-        data = path.read_bytes()
+        with path.open("rb") as fh:  # one byte past the limit is enough to know: a pipe has no size
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+            size = os.fstat(fh.fileno()).st_size if len(data) > MAX_CONFIG_BYTES else 0
     except OSError as exc:
         raise ConfigError(f"cannot read config {source}: {exc.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:  # a pipe or device that reported no size
-        raise ConfigError(f"config {source} is over the limit of {MAX_CONFIG_BYTES:,} bytes")
+    if len(data) > MAX_CONFIG_BYTES:
+        shown = f"{size:,} bytes, over" if size > MAX_CONFIG_BYTES else "over"
+        raise ConfigError(
+            f"config {source} is {shown} the limit of {MAX_CONFIG_BYTES:,}: an experiment config is a page of YAML"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -41,7 +41,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from kd_ops.core.errors import first_line
-from kd_ops.prediction_log.protocol import CLOSE, PREDICTION_COLUMNS, ROW_TABLE, decode_frames, encode, prediction_rows
+from kd_ops.prediction_log.protocol import CLOSE, PREDICTION_COLUMNS, ROW_TABLE, decode_frames, encode
 from kd_ops.prediction_log.store import metadata, open_store, predictions
 
 log = logging.getLogger(__name__)
@@ -301,10 +301,9 @@ def serve_socket(sock: socket.socket) -> None:
                     closing = True
                     break
                 try:
-                    if len(frame) == 4:  # [id, table, n rows, rows]: the stored form
-                        job: Any = Stored(frame[2], frame[3])
-                    else:
-                        job = prediction_rows(rows) if isinstance(rows, dict) else rows
+                    # [id, table, n rows, rows]: predictions in their stored form (the client turns
+                    # every prediction batch into it); [id, table, rows]: row dicts of any table.
+                    job: Any = Stored(frame[2], frame[3]) if len(frame) == 4 else rows
                     jobs.append((jid, name, job))
                 except Exception as exc:  # noqa: BLE001 - a malformed job fails alone
                     log.error("prediction log: malformed write: %s", first_line(exc))

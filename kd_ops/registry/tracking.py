@@ -54,6 +54,9 @@ def _store_error(uri: str, key: str, exc: BaseException) -> Exception:
     return ConfigError(f"{key} = {uri!r}: {why}")
 
 
+_OPENED: set[str] = set()  # URIs whose stores this process has already opened
+
+
 def open_tracking(uri: str, key: str = "tracking.uri") -> MlflowClient:
     """Point this process's MLflow at `uri` and check that its tracking and registry stores open.
 
@@ -63,12 +66,15 @@ def open_tracking(uri: str, key: str = "tracking.uri") -> MlflowClient:
     written) is one `ConfigError` naming `key` before anything runs. Connection failures pass
     through unchanged (a server restarting is worth a retry, not a config error)."""
     mlflow.set_tracking_uri(uri)
+    if uri in _OPENED:  # checked once per process: a distillation opens its store at several steps
+        return MlflowClient(uri)
     try:
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)  # opens (and on SQLite, creates) the tracking store
         client.search_registered_models(max_results=1)
     except Exception as exc:  # noqa: BLE001 - MLflow, SQLAlchemy and the OS raise many types
         raise _store_error(uri, key, exc) from None
+    _OPENED.add(uri)
     return client
 
 
