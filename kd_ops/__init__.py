@@ -9,7 +9,9 @@ a name that needs them is touched.
     result = run_distillation(cfg)
 
 Extension points (one file plus a decorator each, see docs/extending.md): `register_loss`,
-`register_model`, `register_dataset`, `register_strategy`, `register_sklearn_model`.
+`register_model`, `register_dataset`, `register_strategy`, `register_sklearn_model`,
+`register_boosted_teacher`; tables: `TableSource` (a registered dataset that is a DataFrame),
+`TableSchema` (a table model's columns and classes), `TableModel` (a registered table model).
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ _API: dict[str, str] = {
     "register_sklearn_model": "kd_ops.models.sklearn_students",
     "register_dataset": "kd_ops.data.datasets",
     "RawDataset": "kd_ops.data.datasets",
+    "TableSource": "kd_ops.data.datasets",
+    "TableSchema": "kd_ops.data.tables",
+    "TableModel": "kd_ops.models.table_model",
+    "register_boosted_teacher": "kd_ops.models.estimators",
     "register_strategy": "kd_ops.distill.strategies.strategy",
     "Strategy": "kd_ops.distill.strategies.strategy",
 }
@@ -77,6 +83,10 @@ __all__ = [
     "register_sklearn_model",
     "register_dataset",
     "RawDataset",
+    "TableSource",
+    "TableSchema",
+    "TableModel",
+    "register_boosted_teacher",
     "register_strategy",
     "Strategy",
 ]
@@ -99,12 +109,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from kd_ops.config.experiment import ExperimentConfig
     from kd_ops.config.loading import config_from_dict, load_config
     from kd_ops.core.errors import ConfigError
-    from kd_ops.data.datasets import RawDataset, register_dataset
+    from kd_ops.data.datasets import RawDataset, TableSource, register_dataset
+    from kd_ops.data.tables import TableSchema
     from kd_ops.distill.losses.base import DistillLoss, register_loss
     from kd_ops.distill.strategies.strategy import Strategy, register_strategy
     from kd_ops.evaluation.evaluate import evaluate_model
+    from kd_ops.models.estimators import register_boosted_teacher
     from kd_ops.models.loading import load_model
     from kd_ops.models.sklearn_students import register_sklearn_model
+    from kd_ops.models.table_model import TableModel
     from kd_ops.models.zoo import Params, register_model
     from kd_ops.pipeline.distillation import DistillResult, run_distillation
     from kd_ops.pipeline.redistill import run_redistillation

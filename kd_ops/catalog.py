@@ -9,14 +9,16 @@ from __future__ import annotations
 from kd_ops.config.experiment import ExperimentConfig
 from kd_ops.config.training import ModelSection
 from kd_ops.core.errors import ConfigError
+from kd_ops.core.plugins import PluginError
 from kd_ops.core.registry import UnknownComponentError, param_errors
 
 
 def check_components(cfg: ExperimentConfig, source: str) -> None:
     from kd_ops.data.corruptions import CORRUPTIONS
-    from kd_ops.data.datasets import DATASETS
+    from kd_ops.data.datasets import DATASETS, RawDataset
     from kd_ops.distill.losses import LOSSES
     from kd_ops.distill.strategies import method_names, strategy_class
+    from kd_ops.models.estimators import BOOSTED_TEACHERS
     from kd_ops.models.zoo import MODELS
 
     problems: list[str] = []
@@ -24,11 +26,11 @@ def check_components(cfg: ExperimentConfig, source: str) -> None:
     def lookup(registry, key: str, name: str):
         try:
             return registry.get(name)
-        except UnknownComponentError as exc:
+        except (UnknownComponentError, PluginError) as exc:  # a refused plugin: its reason, under the key
             problems.append(f"{key} = {name!r}: {exc}")
             return None
 
-    raw = lookup(DATASETS, "data.name", cfg.data.name)
+    raw = None if cfg.data.is_file else lookup(DATASETS, "data.name", cfg.data.name)
     for i, section in enumerate([cfg.teacher, *cfg.teachers]):
         key = "teacher" if i == 0 else f"teachers.{i - 1}"
         for j, kind in enumerate(section.augment):
@@ -40,6 +42,9 @@ def check_components(cfg: ExperimentConfig, source: str) -> None:
     except UnknownComponentError:
         strategy = None
         problems.append(f"distill.method = {method!r}: unknown method; known: {', '.join(method_names())}")
+    except PluginError as exc:  # a plugin of that name was refused: its reason, not "unknown"
+        strategy = None
+        problems.append(f"distill.method = {method!r}: {exc}")
     else:
         problems += strategy.problems(cfg)
     for i, spec in enumerate(cfg.distill.losses):
@@ -54,12 +59,16 @@ def check_components(cfg: ExperimentConfig, source: str) -> None:
             continue
         if key == "student" and strategy is not None and not strategy.network_student:
             continue  # e.g. a scikit-learn student, described in distill.params
-        entry = lookup(MODELS, f"{key}.model", section.model)
+        if key != "student" and section.model in BOOSTED_TEACHERS:
+            entry = BOOSTED_TEACHERS.get(section.model)
+        else:
+            entry = lookup(MODELS, f"{key}.model", section.model)
         if entry is not None:
             problems += param_errors(entry.params, section.params, f"{key}.params", f"model {section.model!r}")
 
-    if raw is not None:
-        n_classes = raw().n_classes
+    dataset = raw() if raw is not None else None
+    if isinstance(dataset, RawDataset):  # a table's classes are known once it is read
+        n_classes = dataset.n_classes
         bad = [c for c in cfg.data.exclude_classes if not 0 <= c < n_classes]
         if bad:
             problems.append(
@@ -72,6 +81,34 @@ def check_components(cfg: ExperimentConfig, source: str) -> None:
 
     if problems:
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(problems))
+
+
+def is_table(cfg: ExperimentConfig) -> bool:
+    """Whether the config's data is a table: a file, a label column (a DataFrame given through the
+    Python API), or a registered dataset that is one."""
+    if cfg.data.is_file or cfg.data.label:
+        return True
+    from kd_ops.data.datasets import DATASETS, TableSource
+
+    try:
+        return isinstance(DATASETS.get(cfg.data.name)(), TableSource)
+    except (UnknownComponentError, PluginError):  # reported under data.name by check_components
+        return False
+
+
+def with_table_defaults(cfg: ExperimentConfig, table: bool) -> ExperimentConfig:
+    """Defaults that suit a table where the config does not say: a LightGBM teacher (the config's
+    default teacher is a CNN, for images) and no image corruptions in the evaluation."""
+    if not table:
+        return cfg
+    update = {}
+    if "model" not in cfg.teacher.model_fields_set and not cfg.teacher.uri:
+        update["teacher"] = cfg.teacher.model_copy(update={"model": "lightgbm"})
+        update["teacher"].model_fields_set.add("model")
+    if "robustness" not in cfg.evaluation.model_fields_set:
+        update["evaluation"] = cfg.evaluation.model_copy(update={"robustness": False})
+        update["evaluation"].model_fields_set.add("robustness")
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def gate_problems(gates: dict[str, float]) -> list[str]:

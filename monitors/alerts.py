@@ -22,16 +22,16 @@ import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
 from kd_ops.config.monitoring import AlertsConfig, CommandHook, EntryPointHook, WebhookHook
+from kd_ops.core import plugins
 from kd_ops.core.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
-ENTRY_POINT_GROUP = "kd_ops.alert_hooks"
+ENTRY_POINT_GROUP = plugins.ALERT_HOOKS
 SIGNATURE_HEADER = "X-KD-Ops-Signature"
 TIMESTAMP_HEADER = "X-KD-Ops-Timestamp"
 STATUS_RANK = {"ok": 0, "insufficient": 0, "warn": 1, "alert": 2}
@@ -46,6 +46,7 @@ class Reason:
     value: float
     threshold: float
     message: str
+    columns: tuple[str, ...] = ()  # a table's input columns behind the signal (drifted, unseen categories)
 
 
 @dataclass(frozen=True)
@@ -162,11 +163,21 @@ class Command:
 
 
 def _entry_point_hook(cfg: EntryPointHook) -> Hook:
-    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """The hook an installed package declares in `kd_ops.alert_hooks`: a class or factory called
+    with the entry's params. A hook that is missing or fails to load is a `ConfigError` naming
+    the distribution, the entry point and why (kd_ops.core.plugins)."""
+    found = {ep.name: ep for ep in plugins.installed(ENTRY_POINT_GROUP)}
     if cfg.name not in found:
         known = ", ".join(sorted(found)) or "none installed"
         raise ConfigError(f"monitor.alerts entry_point {cfg.name!r}: not in group {ENTRY_POINT_GROUP} ({known})")
-    target = found[cfg.name].load()
+    ep = found[cfg.name]
+    try:
+        target = ep.load()
+    except Exception as exc:  # noqa: BLE001 - a plugin's failure is the user's to fix, said once
+        raise plugins.PluginError(
+            f"monitor.alerts entry_point {cfg.name!r}: {plugins.describe(ep)}: "
+            f"failed to import: {type(exc).__name__}: {first_line(exc)}"
+        ) from None
     hook = target(**cfg.params)  # a class or factory taking the params, giving an object with send()
     if not callable(getattr(hook, "send", None)):
         raise ConfigError(f"monitor.alerts entry_point {cfg.name!r}: {target!r} gave an object without send()")

@@ -12,8 +12,15 @@ Signals, each compared with the reference stored when the student was distilled:
                     as in the alert band: windows and references are small samples
   label-free        agreement with the shadow teacher where it scored, and accuracy estimated
                     from confidence by a threshold set on the reference (ATC)
+  unseen categories tables: share of rows with a category the training split never held, and
+                    per column (the reasons name the columns); not a test, a count
 A window with fewer than `min_rows` rows says so (status "insufficient") instead of guessing;
 signals without enough rows (labels, a slice, shadow scores) are skipped and listed.
+
+A table model's window is read with the served version's schema, which its reference carries (one
+download per monitor run: the reference is needed anyway); only a reference stored before it did
+makes the monitor load the model version to read the schema. Each column's drift is tested with
+the test Evidently picks for its type (`monitors.signals`, table of tests).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from kd_ops.config.experiment import ExperimentConfig
 from kd_ops.evaluation.reference import load_reference
 from monitors.decision import MonitorResult, judge
 from monitors.recording import _record
-from monitors.window import Window, load_window
+from monitors.window import Window, holds_records, read_window, served_schema, served_version, window_from_frame
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +42,35 @@ def run_monitor(
 ) -> MonitorResult:
     """Read the window (unless given), judge it, record it in MLflow and Evidently, send alerts."""
     from kd_ops.registry.tracking import open_tracking
-    from kd_ops.serving.served_model import resolve_alias
     from monitors.alerts import Dispatcher
 
-    client = open_tracking(cfg.tracking.uri)
+    open_tracking(cfg.tracking.uri)
     m = cfg.monitor
     name = cfg.registry.name
-    shape_ref, champion = None, None
+    empty = MonitorResult(name, "", "insufficient", skipped=["window: no predictions in the log for this model"])
     if window is None:
-        # Shapes come from the champion's reference; the window then picks the version that served.
-        champion = resolve_alias(client, name, "champion")
-        shape_ref = load_reference(name, champion, cfg.tracking.uri)
-        window = load_window(
-            m.store, name, shape_ref.x.shape[1], shape_ref.probabilities.shape[1], m.window_rows, m.window_minutes
+        frame = read_window(m.store, name, m.window_rows, m.window_minutes)
+        if frame.empty:
+            return empty
+        # The version that served the newest prediction is judged, against its own reference,
+        # whose shapes, schema and slicer read the window: one download.
+        version = served_version(frame)
+        reference = load_reference(name, version, cfg.tracking.uri)
+        schema = reference.schema
+        if schema is None and holds_records(frame):
+            schema = served_schema(name, version, allow_pickle=cfg.allow_pickle)
+        window = window_from_frame(
+            frame,
+            name,
+            reference.x.shape[1],
+            reference.probabilities.shape[1],
+            schema=schema,
+            slicer=reference.input_slicer(),
         )
-    if window.rows == 0:
-        return MonitorResult(name, "", "insufficient", skipped=["window: no predictions in the log for this model"])
-    if shape_ref is not None and window.model_version == champion:
-        reference = shape_ref  # the usual case: the champion served the window; download it once
-    else:
+    elif window.rows:
         reference = load_reference(name, window.model_version, cfg.tracking.uri)
+    if window.rows == 0:
+        return empty
     result = judge(window, reference, m)
     if record:
         _record(result, cfg)

@@ -10,6 +10,25 @@ from monitors.decision import MonitorResult
 
 
 # -- a monitor run ------------------------------------------------------------------------------
+def metric_names(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics under names MLflow accepts: a table's column and slice values are the user's text
+    ("Credit card (automatic)"), and MLflow refuses a metric name with parentheses or a colon.
+    Such characters become "_", as the evaluation's slice metrics name them (`metric_safe`); a
+    name that then collides gets a numbered suffix. The monitor's own result (JSON, alerts) keeps
+    the original names."""
+    from kd_ops.evaluation.metrics import metric_safe
+
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        clean = metric_safe(name)[:250]
+        key, n = clean, 1
+        while key in out:
+            n += 1
+            key = f"{clean[:245]}_{n}"
+        out[key] = float(value)
+    return out
+
+
 def _record(result: MonitorResult, cfg: ExperimentConfig) -> None:
     """The verdict and the Evidently report into an MLflow run, and the report into the workspace."""
     import mlflow
@@ -24,7 +43,7 @@ def _record(result: MonitorResult, cfg: ExperimentConfig) -> None:
         "kd_ops.monitor.status": result.status,
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"monitor-v{result.model_version}", tags=tags) as run:
-        mlflow.log_metrics({k: float(v) for k, v in result.metrics.items()})
+        mlflow.log_metrics(metric_names(result.metrics))
         mlflow.log_dict(result.to_json(), "monitor_result.json")
         if result.snapshots:
             with tempfile.TemporaryDirectory(prefix="kd-ops-monitor-") as tmp:

@@ -113,8 +113,19 @@ def _frame(x: np.ndarray, probs: np.ndarray, slices: dict[str, np.ndarray] | Non
     return df
 
 
-def drift_report(window: Window, reference: Reference, p_value: float) -> tuple[Any, dict[str, float]]:
-    """One Evidently report: per-feature drift and its share, predicted-class and confidence drift."""
+def drift_report(
+    window: Window, reference: Reference, p_value: float
+) -> tuple[Any, dict[str, float], dict[str, dict[str, Any]]]:
+    """One Evidently report: per-feature drift and its share, predicted-class and confidence drift,
+    and the share of traffic per slice. Returns the snapshot, the metrics, and for a table each
+    input column's test, score, threshold and verdict (empty for array inputs)."""
+    if window.schema is not None:
+        return _table_drift(window, reference, p_value)
+    return (*_array_drift(window, reference, p_value), {})
+
+
+def _array_drift(window: Window, reference: Reference, p_value: float) -> tuple[Any, dict[str, float]]:
+    """Pixels (or any float rows): every feature by K-S at `p_value`."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import DriftedColumnsCount, ValueDrift
 
@@ -133,28 +144,184 @@ def drift_report(window: Window, reference: Reference, p_value: float) -> tuple[
     # Tests named explicitly: Evidently's defaults switch to distances (not p-values) on large data.
     metrics = [
         DriftedColumnsCount(columns=features, num_method="ks", num_threshold=p_value),
-        # Categorical shares by PSI, a distance: a goodness-of-fit test would treat the reference's
-        # few hundred rows as the exact population and alarm on their sampling noise.
-        ValueDrift(column="predicted", method="psi", threshold=PSI_THRESHOLD),
-        ValueDrift(column="confidence", method="ks", threshold=p_value),
-        *(ValueDrift(column=c, method="psi", threshold=PSI_THRESHOLD) for c in slice_cols),
+        *_output_drift("predicted", "confidence", slice_cols, p_value),
         *(ValueDrift(column=f, method="ks", threshold=p_value) for f in features),
     ]
     with warnings.catch_warnings():  # constant pixels (image borders) make numpy warn inside the tests
         warnings.simplefilter("ignore", RuntimeWarning)
         snapshot = Report(metrics).run(current, ref)
     values = [m["value"] for m in snapshot.dict()["metrics"]]
-    out = {
-        "drift_share": float(values[0]["share"]),
-        "prediction_drift": float(values[1]),
-        "confidence_drift": 1.0 - float(values[2]),
-    }
-    slice_psi = values[3 : 3 + len(slice_cols)]
-    if slice_cols:
-        out["slice_drift"] = float(max(slice_psi))
-        out.update({f"slice_drift_psi_{c.removeprefix('slice_')}": float(v) for c, v in zip(slice_cols, slice_psi)})
+    out = {"drift_share": float(values[0]["share"]), **_output_metrics(values[1:], shared)}
     out.update({f"drift_p_value_{f}": float(v) for f, v in zip(features, values[3 + len(slice_cols) :])})
     return snapshot, out
+
+
+def _output_drift(predicted: str, confidence: str, slice_cols: list[str], p_value: float) -> list[Any]:
+    from evidently.metrics import ValueDrift
+
+    return [
+        # Categorical shares by PSI, a distance: a goodness-of-fit test would treat the reference's
+        # few hundred rows as the exact population and alarm on their sampling noise.
+        ValueDrift(column=predicted, method="psi", threshold=PSI_THRESHOLD),
+        ValueDrift(column=confidence, method="ks", threshold=p_value),
+        *(ValueDrift(column=c, method="psi", threshold=PSI_THRESHOLD) for c in slice_cols),
+    ]
+
+
+def _output_metrics(values: list[Any], slices: list[str]) -> dict[str, float]:
+    """Metrics from the values of `_output_drift`'s metrics, in their order."""
+    out = {"prediction_drift": float(values[0]), "confidence_drift": 1.0 - float(values[1])}
+    slice_psi = values[2 : 2 + len(slices)]
+    if slices:
+        out["slice_drift"] = float(max(slice_psi))
+        out.update({f"slice_drift_psi_{n}": float(v) for n, v in zip(slices, slice_psi)})
+    return out
+
+
+# Evidently 0.7.23's default drift test per column (`legacy/calculations/stattests/registry.py`,
+# `_get_default_stattest`), chosen from the column's type in the DataDefinition, the number of
+# reference rows and the distinct values of reference and window together:
+#   reference <= 1000 rows  numeric, > 5 values     two-sample Kolmogorov-Smirnov    p-value
+#                           numeric, 3-5 values     chi-square goodness of fit       p-value
+#                           numeric, <= 2 values    Z-test of two proportions        p-value
+#                           categorical, > 2 values chi-square goodness of fit       p-value
+#                           categorical, <= 2       Z-test of two proportions        p-value
+#   reference  > 1000 rows  numeric, > 5 values     Wasserstein distance (normed)    distance, drift at >= 0.1
+#                           numeric, <= 5 values    Jensen-Shannon distance          distance, drift at >= 0.1
+#                           categorical             Jensen-Shannon distance          distance, drift at >= 0.1
+# Booleans are declared categorical (two values: the Z-test, or Jensen-Shannon). On the small side
+# every test is a p-value, judged at `monitor.drift_p_value`; on the large side every test is a
+# distance, judged at Evidently's own 0.1 (a p-value would call every tiny shift significant).
+EVIDENTLY_SMALL_REFERENCE = 1000
+
+
+def _unique_name(base: str, taken: set[str]) -> str:
+    """An auxiliary column's name that no user column has (a table may hold a `confidence`)."""
+    name = base
+    while name in taken:
+        name = f"_{name}"
+    return name
+
+
+def evidently_columns(schema: Any, table: pd.DataFrame) -> pd.DataFrame:
+    """Typed columns as Evidently reads them: numbers as float; categories and booleans as text
+    (NaN where missing), since Evidently counts category values and a pandas `category` or
+    nullable boolean column would bring its unused levels or pd.NA along."""
+    out: dict[str, Any] = {}
+    for col in schema.columns:
+        values = table[col.name]
+        missing = values.isna().to_numpy()
+        if col.kind == "numeric":
+            out[col.name] = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        else:
+            text = values.astype(object).map(lambda v: str(v).lower() if isinstance(v, (bool, np.bool_)) else str(v))
+            out[col.name] = text.where(~missing, np.nan).to_numpy(dtype=object)
+    return pd.DataFrame(out)
+
+
+def _table_drift(
+    window: Window, reference: Reference, p_value: float
+) -> tuple[Any, dict[str, float], dict[str, dict[str, Any]]]:
+    """Drift of a table, column by column with the test Evidently picks for each column's type
+    (see the table above), on the typed columns as the model read them (an unseen category is
+    missing here: the unseen-category signal counts it). A column with no value left in the
+    window (every value missing or unseen) while the reference had some counts as drifted: a
+    client that stops sending a field is the plainest drift there is."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import DriftedColumnsCount, ValueDrift
+
+    schema = window.schema
+    assert schema is not None and window.table is not None
+    ref_table = reference.table if reference.schema is not None else None
+    if ref_table is None:  # a reference stored before it kept typed columns: decode its encoded rows
+        from kd_ops.evaluation.reference import typed_columns
+
+        ref_table = typed_columns(schema, reference.x)
+    cur_df, ref_df = evidently_columns(schema, window.table), evidently_columns(schema, ref_table)
+    features = list(schema.names)
+    empty = {
+        f: ("window" if cur_df[f].isna().all() else "reference")
+        for f in features
+        if cur_df[f].isna().all() or ref_df[f].isna().all()
+    }
+    tested = [f for f in features if f not in empty]
+
+    taken = set(features)
+    predicted, confidence = _unique_name("predicted", taken), _unique_name("confidence", taken)
+    shared = sorted(set(window.slices) & set(reference.slices))
+    slice_cols = [_unique_name(f"slice_{n}", taken) for n in shared]
+    for df, probs, slices in (
+        (cur_df, window.probabilities, window.slices),
+        (ref_df, reference.probabilities, reference.slices),
+    ):
+        df[predicted] = probs.argmax(axis=1).astype(str)
+        df[confidence] = probs.max(axis=1)
+        for name, col in zip(shared, slice_cols):
+            df[col] = np.asarray(slices[name], dtype=str)
+    kinds = {c.name: c.kind for c in schema.columns}
+    definition = DataDefinition(
+        numerical_columns=[*(f for f in features if kinds[f] == "numeric"), confidence],
+        categorical_columns=[*(f for f in features if kinds[f] != "numeric"), predicted, *slice_cols],
+    )
+    threshold = p_value if len(ref_df) <= EVIDENTLY_SMALL_REFERENCE else None
+    metrics = [
+        *_output_drift(predicted, confidence, slice_cols, p_value),
+        *(ValueDrift(column=f, threshold=threshold) for f in tested),
+    ]
+    if tested:  # Evidently's own table of drifted columns, for the report's reader
+        metrics.insert(0, DriftedColumnsCount(columns=tested, threshold=threshold))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant columns, pandas' downcasting notes inside Evidently
+        snapshot = Report(metrics, include_tests=True).run(
+            Dataset.from_pandas(cur_df, data_definition=definition),
+            Dataset.from_pandas(ref_df, data_definition=definition),
+        )
+    report = snapshot.dict()
+    results = report["metrics"][1:] if tested else report["metrics"]
+    failed = {
+        t["metric_config"]["metric_id"] for t in report.get("tests", []) if t.get("status") in ("FAIL", "WARNING")
+    }
+    out = _output_metrics([m["value"] for m in results], shared)
+    columns: dict[str, dict[str, Any]] = {}
+    n_outputs = 2 + len(slice_cols)
+    for f, m in zip(tested, results[n_outputs:]):
+        columns[f] = {
+            "kind": kinds[f],
+            "test": m["config"].get("method"),
+            "score": float(m["value"]),
+            "threshold": m["config"].get("threshold"),
+            "drifted": m["id"] in failed,
+        }
+        out[f"drift_score_{f}"] = float(m["value"])
+    for f, where in empty.items():
+        columns[f] = {
+            "kind": kinds[f],
+            "test": None,
+            "score": None,
+            "threshold": None,
+            "drifted": where == "window",
+            "note": f"no value in the {where} (missing or unseen)",
+        }
+    drifted = [f for f in features if columns[f]["drifted"]]
+    out["drift_share"] = len(drifted) / len(features)
+    out["drifted_columns"] = float(len(drifted))
+    return snapshot, out, {f: columns[f] for f in features}
+
+
+def unseen_metrics(window: Window) -> tuple[dict[str, float], list[str]]:
+    """Share of the window's rows holding at least one category the training split never held,
+    and the share per categorical column; with the columns that hold any, most affected first.
+
+    Not a drift test: the model has never seen such a value, and encodes it as missing, so
+    even a few rows of it are a fact about the traffic (a new product code, a renamed carrier,
+    an upstream change of spelling), not sampling noise. Empty for array models."""
+    if window.schema is None or not window.rows:
+        return {}, []
+    out = {"unseen_category_share": float(window.unseen_rows.mean())}
+    shares = {name: float(mask.mean()) for name, mask in window.unseen.items()}
+    out.update({f"unseen_category_share_{name}": share for name, share in shares.items()})
+    named = sorted((n for n, s in shares.items() if s > 0), key=lambda n: (-shares[n], n))
+    return out, named
 
 
 def quality_metrics(

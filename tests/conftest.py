@@ -42,6 +42,22 @@ def tiny_raw(tracking_uri: str, **sections) -> dict:
     return raw
 
 
+def churn_raw(tracking_uri: str, root, name: str, experiment: str, **sections) -> dict:
+    """A small churn table config (LightGBM teacher, MLP student, 1,500 rows) as a dict."""
+    raw = {
+        "data": {"name": "churn", "rows": 1500},
+        "student": {"epochs": 2},
+        "tracking": {"uri": tracking_uri, "experiment": experiment},
+        "registry": {"name": name},
+        "evaluation": {"latency_repeats": 5, "throughput_repeats": 2, "throughput_batches": [1, 32]},
+        "train": {"progress_bar": False},
+        "distill": {"cache": {"dir": str(root / "cache")}},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"

@@ -151,8 +151,9 @@ def config_from_dict(raw: Any, source: str = "<dict>", set_keys: set[str] | None
     except ValidationError as err:
         lines = _error_lines(err, set_keys or set())
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
-    from kd_ops.catalog import check_components  # imports the registries (torch)
+    from kd_ops.catalog import check_components, is_table, with_table_defaults  # imports the registries (torch)
 
+    cfg = with_table_defaults(cfg, is_table(cfg))
     check_components(cfg, source)
     return cfg
 
@@ -187,6 +188,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(raw).__name__}")
     raw, set_keys = apply_overrides(raw or {}, overrides or [], source)
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
+        # A table file named in a config is found beside it, wherever the command runs from.
+        data["path"] = str((path.parent / data["path"]).resolve())
     return config_from_dict(raw, source, set_keys)
 
 

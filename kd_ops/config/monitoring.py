@@ -85,6 +85,11 @@ class MonitorThresholds(_Section):
     slice_accuracy_drop: Threshold = _threshold(0.06, 0.12, "the same, worst slice")
     estimated_accuracy_drop: Threshold = _threshold(0.03, 0.06, "reference accuracy minus the label-free estimate")
     agreement_drop: Threshold = _threshold(0.03, 0.06, "reference agreement with the teacher minus the window's")
+    # Not a sample statistic: a category the model never saw is encoded as missing, so 5% of rows
+    # carrying one is a change upstream (a new code, a renamed value) worth a look, 10% an alert.
+    unseen_category_share: Threshold = _threshold(
+        0.05, 0.10, "tables: share of rows with a category value the training split never held"
+    )
 
 
 class MonitorConfig(_Section):

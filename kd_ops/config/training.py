@@ -10,12 +10,49 @@ from kd_ops.config.base import _Section
 
 
 class DataConfig(_Section):
-    name: str = "digits"
+    name: str = Field("digits", description="a registered dataset (digits, mnist5k, flights, churn, a plugin's)")
+    path: str | None = Field(
+        None, description="a CSV or Parquet file of your own (relative to the config file); not with data.name"
+    )
+    label: str | None = Field(None, description="the column to predict (a table)")
+    features: list[str] | None = Field(None, description="feature columns (default: every other column)")
+    categorical: list[str] = Field(default_factory=list, description="columns read as categories (over inference)")
+    numeric: list[str] = Field(default_factory=list, description="columns read as numbers (overrides inference)")
+    boolean: list[str] = Field(default_factory=list, description="columns read as true/false (overrides inference)")
+    time: str | None = Field(None, description="the column that orders rows in time (a table)")
+    slices: list[str] = Field(default_factory=list, description="feature columns to report per-slice accuracy by")
+    split: Literal["random", "time"] | None = Field(
+        None, description="random (stratified) or time (train on the past, validate and test on later rows)"
+    )
+    rows: int | None = Field(None, ge=10, description="use this many rows of a table (a random sample, in order)")
     train_fraction: float = Field(1.0, gt=0, le=1, description="share of the training split used as transfer set")
     exclude_classes: list[int] = Field(default_factory=list, description="classes left out of the transfer set")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if self.path is not None and "name" in self.model_fields_set:
+            raise ValueError(f"data.name = {self.name!r} and data.path = {self.path!r}: give one of them")
+        if self.path is not None and not self.label:
+            raise ValueError(f"data.path = {self.path!r} needs data.label: the column to predict")
+        if self.split == "time" and not self.time and self.path is not None:
+            raise ValueError("data.split = 'time' needs data.time: the column that orders the rows")
+        return self
+
+    @property
+    def is_file(self) -> bool:
+        return self.path is not None
+
+    @property
+    def source_name(self) -> str:
+        """What runs, plots and lineage call the data: the dataset's name or the file's stem."""
+        if self.path is None:
+            return self.name
+        from pathlib import Path
+
+        return Path(self.path).name.split(".")[0] or "table"
 
 
 class ModelSection(_Section):

@@ -9,8 +9,10 @@ feature rows.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -19,9 +21,13 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 from kd_ops.config.training import DataConfig
+from kd_ops.core.errors import ConfigError
 from kd_ops.data.corruptions import CORRUPTIONS
-from kd_ops.data.datasets import DATASETS, RawDataset
-from kd_ops.data.slicing import InputSlices
+from kd_ops.data.datasets import DATASETS, RawDataset, TableSource
+from kd_ops.data.slicing import ColumnSlices, InputSlices, Slicer
+
+if TYPE_CHECKING:
+    from kd_ops.data.tables import TableSpec
 
 
 @dataclass
@@ -30,28 +36,88 @@ class Splits:
     val: np.ndarray
     test: np.ndarray
     transfer: np.ndarray
-    input_slices: InputSlices = field(default_factory=lambda: InputSlices((0.0, 0.0)))
+    input_slices: Slicer = field(default_factory=lambda: InputSlices((0.0, 0.0)))
 
 
-def make_splits(ds: RawDataset, cfg: DataConfig, seed: int) -> Splits:
-    idx = np.arange(len(ds.y))
-    rest, test = train_test_split(idx, test_size=cfg.test_fraction, stratify=ds.y, random_state=seed)
-    val_share = cfg.val_fraction / (1 - cfg.test_fraction)
-    train, val = train_test_split(rest, test_size=val_share, stratify=ds.y[rest], random_state=seed)
+def split_rows(y: np.ndarray, cfg: DataConfig, seed: int, order: np.ndarray | None = None) -> Splits:
+    """Train, val, test and transfer rows. With `order` (row positions in time order) the split is
+    by time: the earliest rows train, the next validate, the latest test; else stratified at random."""
+    if order is not None:
+        n = len(order)
+        n_test = max(int(round(cfg.test_fraction * n)), 1)
+        n_val = max(int(round(cfg.val_fraction * n)), 1)
+        train, val, test = order[: n - n_val - n_test], order[n - n_val - n_test : n - n_test], order[n - n_test :]
+        if len(np.unique(y[train])) < 2:
+            raise ConfigError("data.split = 'time': the earliest rows (the training split) hold one class only")
+    else:
+        idx = np.arange(len(y))
+        try:
+            rest, test = train_test_split(idx, test_size=cfg.test_fraction, stratify=y, random_state=seed)
+            val_share = cfg.val_fraction / (1 - cfg.test_fraction)
+            train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=seed)
+        except ValueError as exc:  # a class too rare to stratify
+            raise ConfigError(f"data: cannot split the rows stratified by label: {exc}") from None
     train, val, test = np.sort(train), np.sort(val), np.sort(test)
 
-    transfer = train[~np.isin(ds.y[train], cfg.exclude_classes)]
+    transfer = train[~np.isin(y[train], cfg.exclude_classes)]
     if cfg.train_fraction < 1.0:
         n_keep = max(int(round(cfg.train_fraction * len(transfer))), 1)
-        n_classes_left = len(np.unique(ds.y[transfer]))
+        n_classes_left = len(np.unique(y[transfer]))
         if n_keep < n_classes_left:
             # Too few rows to stratify: keep a plain random subset.
             rng = np.random.default_rng(seed)
             transfer = np.sort(rng.choice(transfer, size=n_keep, replace=False))
         elif n_keep < len(transfer):
-            transfer, _ = train_test_split(transfer, train_size=n_keep, stratify=ds.y[transfer], random_state=seed)
+            transfer, _ = train_test_split(transfer, train_size=n_keep, stratify=y[transfer], random_state=seed)
             transfer = np.sort(transfer)
-    return Splits(train, val, test, transfer, InputSlices.fit(ds.x[train]))
+    return Splits(train, val, test, transfer)
+
+
+def make_splits(ds: RawDataset, cfg: DataConfig, seed: int) -> Splits:
+    splits = split_rows(ds.y, cfg, seed)
+    splits.input_slices = InputSlices.fit(ds.x[splits.train])
+    return splits
+
+
+def table_spec(cfg: DataConfig, defaults: dict[str, Any]) -> "TableSpec":
+    """The config's `data.*` keys over a registered table's defaults."""
+    from kd_ops.data.tables import TableSpec
+
+    given = cfg.model_fields_set
+    keys = ("label", "features", "categorical", "numeric", "boolean", "time", "slices", "split")
+    merged = {k: getattr(cfg, k) if k in given or k not in defaults else defaults[k] for k in keys}
+    merged["split"] = merged["split"] or "random"
+    merged["drop"] = list(defaults.get("drop", []))
+    if not merged["label"]:
+        raise ConfigError("data.label: name the column to predict")
+    if merged["split"] == "time" and not merged["time"]:
+        raise ConfigError("data.split = 'time' needs data.time: the column that orders the rows")
+    return TableSpec(**merged)
+
+
+def load_table(frame: Any, cfg: DataConfig, seed: int, name: str, defaults: dict[str, Any], where: str):
+    """A DataFrame checked, split (by time or stratified), fitted on its training rows and encoded."""
+    import pandas as pd
+
+    from kd_ops.data.tables import prepare_table
+
+    if not isinstance(frame, pd.DataFrame):
+        raise ConfigError(f"data: expected a pandas DataFrame, got {type(frame).__name__}")
+    if cfg.rows is not None and cfg.rows < len(frame):
+        keep = np.sort(np.random.default_rng(0).choice(len(frame), size=cfg.rows, replace=False))
+        frame = frame.iloc[keep]
+    spec = table_spec(cfg, defaults)
+    holder: dict[str, Splits] = {}
+
+    def train_rows(y: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+        holder["splits"] = split_rows(y, cfg, seed, order if spec.split == "time" else None)
+        return holder["splits"].train
+
+    table = prepare_table(frame, spec, where, train_rows)
+    splits = holder["splits"]
+    splits.input_slices = ColumnSlices.fit(table.schema, table.x[splits.train])
+    raw = RawDataset(name, table.x, table.y, (table.x.shape[1],), table.schema.n_classes, 1.0, table.schema)
+    return raw, splits, table
 
 
 @dataclass(frozen=True)
@@ -72,13 +138,10 @@ def with_extra_rows(ds: RawDataset, splits: Splits, extra: ExtraRows) -> tuple[R
     ):
         raise ValueError(f"extra labels must be one int per row in [0, {ds.n_classes})")
     n = len(ds.y)
-    raw = RawDataset(
-        ds.name,
-        np.concatenate([ds.x, extra.x.astype(np.float32)]),
-        np.concatenate([ds.y, extra.y.astype(np.int64)]),
-        ds.input_shape,
-        ds.n_classes,
-        ds.max_value,
+    raw = dataclasses.replace(
+        ds,
+        x=np.concatenate([ds.x, extra.x.astype(np.float32)]),
+        y=np.concatenate([ds.y, extra.y.astype(np.int64)]),
     )
     new = np.arange(n, n + len(extra.y))
     return raw, Splits(
@@ -93,29 +156,70 @@ class DistillDataModule(L.LightningDataModule):
     `extra` rows are appended to the dataset and join the transfer set only.
     """
 
-    def __init__(self, cfg: DataConfig, seed: int, role: str = "train", extra: ExtraRows | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        seed: int,
+        role: str = "train",
+        extra: ExtraRows | None = None,
+        frame: Any = None,
+        base_dir: str | None = None,
+    ):
+        """`frame`: a pandas DataFrame given through the Python API (`run_distillation(data=...)`),
+        read with the config's `data.*` keys; `base_dir`: where a relative `data.path` starts."""
         super().__init__()
         if role not in ("train", "transfer"):
             raise ValueError(f"role must be 'train' or 'transfer', got {role!r}")
         self.cfg, self.seed, self.role, self.extra = cfg, seed, role, extra
+        self.frame, self.base_dir = frame, base_dir
         self.raw: RawDataset | None = None
         self.splits: Splits | None = None
+        self.table = None  # a PreparedTable for tabular data (the user's frame beside the encoded rows)
 
     # -- lifecycle -------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.raw is None:
-            raw = DATASETS.get(self.cfg.name)()
-            splits = make_splits(raw, self.cfg, self.seed)
+            raw, splits = self._load()
             if self.extra is not None and len(self.extra.y):
                 raw, splits = with_extra_rows(raw, splits, self.extra)
             self.raw, self.splits = raw, splits
 
+    def _load(self) -> tuple[RawDataset, Splits]:
+        from pathlib import Path
+
+        cfg = self.cfg
+        if self.frame is not None:
+            raw, splits, self.table = load_table(self.frame, cfg, self.seed, "dataframe", {}, "the DataFrame")
+            return raw, splits
+        if cfg.path is not None:
+            from kd_ops.data.tables import read_table_file
+
+            path = Path(cfg.path)
+            if not path.is_absolute() and self.base_dir:
+                path = Path(self.base_dir) / path
+            frame = read_table_file(path)
+            raw, splits, self.table = load_table(frame, cfg, self.seed, cfg.source_name, {}, f"file {str(path)!r}")
+            return raw, splits
+        source = DATASETS.get(cfg.name)()
+        if isinstance(source, TableSource):
+            raw, splits, self.table = load_table(
+                source.frame, cfg, self.seed, source.name, source.spec, f"dataset {source.name!r}"
+            )
+            return raw, splits
+        return source, make_splits(source, cfg, self.seed)
+
     def with_role(self, role: str) -> "DistillDataModule":
         """The same splits, serving another set of training rows (no reload, no re-split)."""
         self.setup()
-        other = DistillDataModule(self.cfg, self.seed, role, self.extra)
-        other.raw, other.splits = self.raw, self.splits
+        other = DistillDataModule(self.cfg, self.seed, role, self.extra, self.frame, self.base_dir)
+        other.raw, other.splits, other.table = self.raw, self.splits, self.table
         return other
+
+    @property
+    def schema(self):
+        """The table's schema (`kd_ops.data.tables.TableSchema`), or None for image data."""
+        self.setup()
+        return self.raw.table
 
     # -- facts the models and trackers need ------------------------------------------------
     @property
@@ -134,8 +238,11 @@ class DistillDataModule(L.LightningDataModule):
         return self.raw.input_shape
 
     def normalization(self) -> tuple[float, float]:
-        """Mean and std over all pixels of the training split (one scalar each: images keep their shape)."""
+        """Mean and std over all pixels of the training split (one scalar each: images keep their shape).
+        A table's columns are scaled one by one in the network's input layer instead: (0, 1)."""
         self.setup()
+        if self.raw.table is not None:
+            return 0.0, 1.0
         x = self.raw.x[self.splits.train]
         return float(x.mean()), float(x.std() + 1e-6)
 
@@ -147,9 +254,16 @@ class DistillDataModule(L.LightningDataModule):
     def slices(self, split: str) -> dict[str, np.ndarray]:
         """Slice columns for per-slice metrics: the true class and the ink-intensity tercile."""
         x, y = self.arrays(split)
-        return {"label": y.astype(str), **self.input_slices().compute(x)}
+        return {"label": self.class_names()[y], **self.input_slices().compute(x)}
 
-    def input_slices(self) -> InputSlices:
+    def class_names(self) -> np.ndarray:
+        """Each class index's name as text: the user's labels for a table, "0".."C-1" for images."""
+        self.setup()
+        if self.raw.table is not None:
+            return np.asarray([str(c) for c in self.raw.table.classes])
+        return np.asarray([str(i) for i in range(self.raw.n_classes)])
+
+    def input_slices(self) -> Slicer:
         """The slices the server can compute from a row alone (stored with the student)."""
         self.setup()
         return self.splits.input_slices
@@ -157,6 +271,8 @@ class DistillDataModule(L.LightningDataModule):
     def corrupted(self, split: str, kind: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """`arrays(split)` with corruption `kind` applied (see `CORRUPTIONS`); same rows, same labels."""
         x, y = self.arrays(split)
+        if self.raw.table is not None:
+            raise ConfigError(f"corruption {kind!r} is for images; a table has none (evaluation.robustness: false)")
         fn = CORRUPTIONS.get(kind)
         return fn(x, self.raw, np.random.default_rng(seed)).astype(np.float32), y
 

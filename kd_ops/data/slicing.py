@@ -43,3 +43,74 @@ class InputSlices:
     def from_dict(cls, raw: dict[str, Any]) -> "InputSlices":
         lo, hi = raw["ink"]["edges"]
         return cls((float(lo), float(hi)))
+
+
+MAX_SLICE_LEVELS = 20  # a categorical slice column reports its most frequent values; the rest are "other"
+
+
+@dataclass(frozen=True)
+class ColumnSlices:
+    """A table's slices: the user's slice columns (`data.slices`), cut the same way everywhere.
+
+    A categorical column's slice is its value (the 20 most frequent in training; the rest are
+    "other"); a numeric column's is its training tercile (low, mid, high); a boolean's "true" or
+    "false"; a missing or unseen value is "missing". Computed from the encoded rows, so the
+    server, the evaluation and the monitors cut by the same stored positions and cut points."""
+
+    columns: tuple[dict[str, Any], ...]  # {"name", "position", "kind", "levels" or "edges"}
+
+    @classmethod
+    def fit(cls, schema: Any, x_train: np.ndarray) -> "ColumnSlices":
+        out = []
+        for name in schema.slices:
+            j = schema.position(name)
+            col = schema.column(name)
+            entry: dict[str, Any] = {"name": name, "position": j, "kind": col.kind}
+            if col.kind == "categorical":
+                entry["levels"] = list(col.categories[:MAX_SLICE_LEVELS])
+            elif col.kind == "numeric":
+                v = x_train[:, j]
+                v = v[~np.isnan(v)]
+                lo, hi = np.quantile(v, [1 / 3, 2 / 3]) if len(v) else (0.0, 0.0)
+                entry["edges"] = [float(lo), float(hi)]
+            out.append(entry)
+        return cls(tuple(out))
+
+    def compute(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.asarray(x, dtype=np.float32)
+        out: dict[str, np.ndarray] = {}
+        for c in self.columns:
+            v = x[:, c["position"]]
+            missing = np.isnan(v)
+            if c["kind"] == "categorical":
+                levels = np.asarray([*c["levels"], "other", "missing"], dtype=object)
+                code = np.where(missing, -1, v).astype(np.int64)
+                idx = np.where(code < 0, len(levels) - 1, np.minimum(code, len(levels) - 2))
+                values = levels[idx]
+            elif c["kind"] == "numeric":
+                values = np.asarray([*INK_LEVELS, "missing"], dtype=object)[
+                    np.where(missing, 3, np.digitize(np.where(missing, 0, v), c["edges"]))
+                ]
+            else:
+                values = np.where(missing, "missing", np.where(v > 0.5, "true", "false")).astype(object)
+            out[c["name"]] = values.astype(str)
+        return out
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c["name"] for c in self.columns)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "columns", "columns": [dict(c) for c in self.columns]}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ColumnSlices":
+        return cls(tuple(dict(c) for c in raw["columns"]))
+
+
+Slicer = InputSlices | ColumnSlices
+
+
+def slicer_from_dict(raw: dict[str, Any]) -> Slicer:
+    """The slicer stored with a student (`slices.json`): a table's columns, or ink terciles."""
+    return ColumnSlices.from_dict(raw) if raw.get("kind") == "columns" else InputSlices.from_dict(raw)

@@ -9,6 +9,7 @@ student is meant to run, and a single thread keeps the figures stable on a busy 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from kd_ops.models.zoo import freeze, param_count, serialized_size
 COMMON_METRICS = (
     "test_accuracy",
     "test_f1_macro",
+    "test_roc_auc",
     "test_nll",
     "test_ece",
     "robust_accuracy_noise",
@@ -160,7 +162,7 @@ def torch_candidate(model: nn.Module, name: str = "torch") -> Candidate:
 def sklearn_candidate(est: Any, name: str = "sklearn") -> Candidate:
     import tracemalloc
 
-    from kd_ops.models.sklearn_students import sklearn_size
+    from kd_ops.models.estimators import estimator_size
 
     def predict(x: np.ndarray) -> np.ndarray:
         return np.log(np.clip(est.predict_proba(x), 1e-12, None)).astype(np.float32)
@@ -173,14 +175,18 @@ def sklearn_candidate(est: Any, name: str = "sklearn") -> Candidate:
         finally:
             tracemalloc.stop()
 
-    size = sklearn_size(est)
+    size = estimator_size(est)
     return Candidate(
         name, predict, size["param_count"], size["model_size_bytes"], lambda x: size["model_size_bytes"] + peak(x)
     )
 
 
 def model_candidate(model: Any, name: str) -> Candidate:
-    return torch_candidate(model, name) if isinstance(model, nn.Module) else sklearn_candidate(model, name)
+    """A network as a torch candidate; anything with `predict_proba` (a scikit-learn estimator, a
+    boosted ensemble behind `EstimatorTeacher`) as an estimator candidate."""
+    if isinstance(model, nn.Module) and not hasattr(model, "predict_proba"):
+        return torch_candidate(model, name)
+    return sklearn_candidate(model, name)
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -200,11 +206,39 @@ def quality_metrics(
         f"{prefix}_nll": float(F.cross_entropy(logits, target)),
         f"{prefix}_ece": float(multiclass_calibration_error(probs, target, n_classes, n_bins=15, norm="l1")),
     }
+    auc = roc_auc(probs.numpy(), np.asarray(y))
+    if auc is not None:
+        out[f"{prefix}_roc_auc"] = auc
     for column, values in slices.items():
         for value in sorted(set(values), key=lambda v: (len(v), v)):
             rows = values == value
-            out[f"{prefix}_accuracy_slice_{column}_{value}"] = float(correct[rows].mean())
+            out[f"{prefix}_accuracy_slice_{column}_{metric_safe(value)}"] = float(correct[rows].mean())
     return out
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def metric_safe(value: str) -> str:
+    """A slice value as part of an MLflow metric name (letters, digits, _ - . space /): a user's
+    category such as "Bank transfer (automatic)" becomes "Bank transfer _automatic_"."""
+    return _UNSAFE.sub("_", str(value))[:120]
+
+
+def roc_auc(probs: np.ndarray, y: np.ndarray) -> float | None:
+    """ROC AUC: of class 1 for two classes, one-vs-rest macro for more; None when a class the
+    model knows is absent from `y` (the multiclass AUC is undefined then)."""
+    from sklearn.metrics import roc_auc_score
+
+    present = np.unique(y)
+    if len(present) < 2:
+        return None
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y, probs[:, 1]))
+    if len(present) < probs.shape[1]:
+        return None
+    p = probs / np.clip(probs.sum(1, keepdims=True), 1e-12, None)
+    return float(roc_auc_score(y, p, multi_class="ovr", average="macro"))
 
 
 def confusion(logits: torch.Tensor, y: np.ndarray) -> np.ndarray:
@@ -296,7 +330,7 @@ def evaluate_candidate(
     x, y = dm.arrays(split)
     logits = torch.as_tensor(candidate.predict(x), dtype=torch.float32)
     metrics = quality_metrics(logits, y, dm.slices(split), prefix=split)
-    if settings.robustness:
+    if settings.robustness and len(getattr(dm, "input_shape", ())) == 3:  # the corruptions are of images
         for kind in CORRUPTION_KINDS:
             xc, _ = dm.corrupted(split, kind)
             pred = np.asarray(candidate.predict(xc)).argmax(1)

@@ -20,12 +20,6 @@ server, and unpickling it runs whatever code it holds. So by default
 
 from __future__ import annotations
 
-import importlib
-import os
-import re
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,40 +30,14 @@ import yaml
 from torch import nn
 
 from kd_ops.core.errors import ConfigError, first_line
-from kd_ops.models.zoo import freeze
-
-OPT_IN = "--allow-pickle (config: allow_pickle: true) loads it, only if you trust whoever wrote the model"
-
-# Types kd-ops itself puts in a skops file beyond skops' defaults (the all-class wrapper of every
-# scikit-learn student); scikit-learn's own classes (tree node arrays, boosting predictors) are
-# trusted by name in `_trusted_type`.
-KD_OPS_TRUSTED_TYPES = frozenset(
-    {
-        "kd_ops.models.sklearn_students.SoftTargetClassifier",
-        "kd_ops.sklearn_student.SoftTargetClassifier",  # the path models registered before kd-ops 0.2 name
-    }
+from kd_ops.models.safe_load import (  # noqa: F401 - re-exported: where callers have always found them
+    KD_OPS_TRUSTED_TYPES,
+    OPT_IN,
+    check_pt2_pickle_free,
+    load_skops_file,
+    mlflow_pickle_allowed,
 )
-
-_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
-_pickle_env_lock = threading.Lock()
-
-
-@contextmanager
-def mlflow_pickle_allowed() -> Iterator[None]:
-    """MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true for one MLflow load the user consented to (or of a
-    model this process has just written), then back to what it was. MLflow reads the variable at
-    each load; the lock keeps two such loads (the serving watcher and the shadow thread) from
-    restoring it under each other."""
-    with _pickle_env_lock:
-        before = os.environ.get(_PICKLE_ENV)
-        os.environ[_PICKLE_ENV] = "true"
-        try:
-            yield
-        finally:
-            if before is None:
-                os.environ.pop(_PICKLE_ENV, None)
-            else:
-                os.environ[_PICKLE_ENV] = before
+from kd_ops.models.zoo import freeze
 
 
 def _local_copy(uri: str) -> Path:
@@ -83,32 +51,6 @@ def _flavors(local: Path) -> dict[str, Any]:
         return {}
     flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors") or {}
     return flavors if isinstance(flavors, dict) else {}
-
-
-def check_pt2_pickle_free(path: str | Path, uri: str) -> None:
-    """`ConfigError` unless every record of the `pt2` archive at `path` is pickle-free.
-
-    `torch.export.load` unpickles weights, constants and sample inputs with `weights_only=False`,
-    so a record marked `use_pickle` runs code. The check is MLflow's own,
-    `mlflow.pytorch._validate_pt2_archive_is_pickle_free` (MLflow 3.17): a private function, so
-    this is the one place kd-ops calls it; if a later MLflow drops it, loading fails closed here.
-    """
-    try:
-        from mlflow.pytorch import _validate_pt2_archive_is_pickle_free
-    except ImportError:
-        raise ConfigError(
-            f"{uri}: this MLflow ({mlflow.__version__}) has no pt2 pickle check, so kd-ops cannot tell "
-            f"whether loading the model runs code stored in it; {OPT_IN}"
-        ) from None
-    try:
-        _validate_pt2_archive_is_pickle_free(str(path))
-    except Exception as exc:  # noqa: BLE001 - MlflowException for a violation; anything else fails closed too
-        record = re.search(r"record '([^']+)'", str(exc))
-        what = f"record {record.group(1)!r}" if record else first_line(exc)
-        raise ConfigError(
-            f"{uri}: its pt2 archive holds pickled content ({what}), and loading it would run code "
-            f"stored in the model file; {OPT_IN}"
-        ) from None
 
 
 def _load_torch_local(local: Path, uri: str, module_tree: bool, allow_pickle: bool) -> nn.Module:
@@ -142,23 +84,6 @@ def load_torch_model(uri: str, module_tree: bool = False, allow_pickle: bool = F
     return _load_torch_local(_local_copy(uri), uri, module_tree, allow_pickle)
 
 
-def _trusted_type(name: str) -> bool:
-    """kd-ops' own classes, and scikit-learn classes that resolve by name to a class defined in
-    scikit-learn (not a function, not another package's class re-exported under sklearn.*)."""
-    if name in KD_OPS_TRUSTED_TYPES:
-        return True
-    module, _, attr = name.rpartition(".")
-    if not (module == "sklearn" or module.startswith("sklearn.")) or not attr.isidentifier():
-        return False
-    if {"tests", "conftest", "_testing", "experimental"} & set(module.split(".")):
-        return False  # importing these runs test scaffolding or patches sklearn: not a model's classes
-    try:
-        obj = getattr(importlib.import_module(module), attr)
-    except Exception:  # noqa: BLE001 - no such module or name: not trusted
-        return False
-    return isinstance(obj, type) and obj.__module__ == module and obj.__qualname__ == attr
-
-
 def _inside(local: Path, relative: Any, uri: str) -> Path:
     """The model file the MLmodel names, which must lie inside the model's own directory."""
     if not isinstance(relative, str) or not relative:
@@ -170,7 +95,6 @@ def _inside(local: Path, relative: Any, uri: str) -> Path:
 
 
 def _load_sklearn_local(local: Path, conf: dict[str, Any], uri: str, allow_pickle: bool) -> Any:
-    import skops.io
 
     conf = conf if isinstance(conf, dict) else {}
     fmt = conf.get("serialization_format", "pickle")  # MLflow reads a flavour without one as pickle
@@ -185,37 +109,105 @@ def _load_sklearn_local(local: Path, conf: dict[str, Any], uri: str, allow_pickl
         with mlflow_pickle_allowed():
             return mlflow.sklearn.load_model(str(local))
     path = _inside(local, conf.get("pickled_model"), uri)
-    try:
-        found = skops.io.get_untrusted_types(file=path)
-    except Exception as exc:  # noqa: BLE001 - not a skops file
-        raise ConfigError(f"{uri}: cannot read its skops file: {first_line(exc)}") from None
-    refused = [t for t in found if not _trusted_type(t)]
-    if refused and allow_pickle:
-        # Consent to run code from the model: trust what its MLmodel lists, as MLflow would.
-        listed = conf.get("skops_trusted_types") or []
-        refused = [t for t in refused if t not in listed]
-    if refused:
+    return load_skops_file(path, uri, allow_pickle, conf.get("skops_trusted_types") or [])
+
+
+XGBOOST_CLASSES = {  # what an xgboost flavour's `model_class` may name: built, then filled by load_model
+    "xgboost.core.Booster",
+    "xgboost.sklearn.XGBClassifier",
+}
+
+
+def _load_lightgbm_local(local: Path, conf: dict[str, Any], uri: str, allow_pickle: bool) -> Any:
+    """A LightGBM Booster saved as text loads as data; MLflow pickles the scikit-learn API ones."""
+    conf = conf if isinstance(conf, dict) else {}
+    path = _inside(local, conf.get("data"), uri)
+    if path.suffix == ".skops":  # MLflow 3.17 saves the scikit-learn API (LGBMClassifier) with skops
+        return load_skops_file(path, uri, allow_pickle, conf.get("skops_trusted_types") or [])
+    if path.suffix in (".lgb", ".txt"):
+        import lightgbm as lgb
+
+        try:
+            return lgb.Booster(model_file=str(path))
+        except Exception as exc:  # noqa: BLE001 - LightGBMError for a file that is not a model
+            raise ConfigError(f"{uri}: cannot read its LightGBM model: {first_line(exc)}") from None
+    if not allow_pickle:
         raise ConfigError(
-            f"{uri}: its skops file holds types kd-ops does not trust ({', '.join(refused)}), and "
-            f"loading them could run code stored in the model file; {OPT_IN}"
-            if not allow_pickle
-            else f"{uri}: its skops file holds types neither kd-ops nor its MLmodel trusts: {', '.join(refused)}"
+            f"{uri}: a LightGBM model MLflow stored as a pickle ({path.name}: its scikit-learn API saves so), and "
+            f"unpickling it runs whatever code the file holds; {OPT_IN}. Logging the Booster "
+            "(mlflow.lightgbm.log_model(model.booster_)) stores LightGBM's text format, which needs no opt-in"
         )
-    return skops.io.load(path, trusted=found)
+    import mlflow.lightgbm
+
+    with mlflow_pickle_allowed():
+        return mlflow.lightgbm.load_model(str(local))
+
+
+def _load_xgboost_local(local: Path, conf: dict[str, Any], uri: str) -> Any:
+    """XGBoost's own JSON/UBJ model format: data, read by a class built here, never unpickled."""
+    conf = conf if isinstance(conf, dict) else {}
+    path = _inside(local, conf.get("data"), uri)
+    name = conf.get("model_class", "xgboost.core.Booster")
+    if name not in XGBOOST_CLASSES:
+        raise ConfigError(
+            f"{uri}: its xgboost model class {name!r} is not one kd-ops reads ({sorted(XGBOOST_CLASSES)})"
+        )
+    try:
+        import xgboost as xgb
+    except ImportError:
+        raise ConfigError(f"{uri}: an XGBoost model; install XGBoost (pip install 'kd-ops[xgboost]')") from None
+    model = xgb.Booster() if name.endswith("Booster") else xgb.XGBClassifier()
+    try:
+        model.load_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - XGBoostError for a file that is not a model
+        raise ConfigError(f"{uri}: cannot read its XGBoost model: {first_line(exc)}") from None
+    return model
+
+
+def _load_pyfunc_local(local: Path, flavors: dict[str, Any], uri: str, allow_pickle: bool) -> Any:
+    """Any other pyfunc model: MLflow loads it by unpickling its Python model or importing the
+    module its MLmodel names, both code from the model's author, so only with consent."""
+    if not allow_pickle:
+        raise ConfigError(
+            f"{uri}: a pyfunc model (flavors {sorted(flavors)}); loading it runs code the model names or "
+            f"stores (a cloudpickled Python model or a loader module); {OPT_IN}"
+        )
+    import mlflow.pyfunc
+
+    with mlflow_pickle_allowed():
+        model = mlflow.pyfunc.load_model(str(local))
+    try:
+        raw = model.get_raw_model()
+    except Exception:  # noqa: BLE001 - not every pyfunc has one
+        raw = None
+    return raw if hasattr(raw, "predict_proba") else model
 
 
 def load_model(uri: str, allow_pickle: bool = False) -> Any:
-    """A torch module or a scikit-learn estimator, whichever flavor the MLflow model has.
+    """A model that yields class probabilities, whichever flavour MLflow stored it in: a torch
+    module, a scikit-learn estimator, a kd-ops table model (`TableModel`), a LightGBM or XGBoost
+    model, or (with consent) any pyfunc model.
 
     Pickle-free unless `allow_pickle` (see the module docstring): a model whose loading would run
     code stored in it is a `ConfigError` naming the model and the opt-in."""
+    from kd_ops.models.table_flavor import is_table_model, read_model_folder
+
     local = _local_copy(uri)
     flavors = _flavors(local)
+    table = is_table_model(local)
+    if table is not None:
+        return read_model_folder(table, uri, allow_pickle)
     if "sklearn" in flavors:
         return _load_sklearn_local(local, flavors["sklearn"], uri, allow_pickle)
     if "pytorch" in flavors or not flavors:
         return _load_torch_local(local, uri, module_tree=False, allow_pickle=allow_pickle)
-    raise ConfigError(f"{uri}: its flavors are {sorted(flavors)}; kd-ops reads pytorch and sklearn models")
+    if "lightgbm" in flavors:
+        return _load_lightgbm_local(local, flavors["lightgbm"], uri, allow_pickle)
+    if "xgboost" in flavors:
+        return _load_xgboost_local(local, flavors["xgboost"], uri)
+    if "python_function" in flavors:
+        return _load_pyfunc_local(local, flavors, uri, allow_pickle)
+    raise ConfigError(f"{uri}: its flavors are {sorted(flavors)}; none of them gives class probabilities")
 
 
 def _probe(model: Any, rows: np.ndarray) -> np.ndarray:
@@ -225,34 +217,83 @@ def _probe(model: Any, rows: np.ndarray) -> np.ndarray:
     return np.asarray(model.predict_proba(rows))
 
 
+def for_table(model: Any, dm: Any, key: str, uri: str = "") -> Any:
+    """A loaded model made to take this table's encoded rows: a network as it is; anything else
+    (a kd-ops table model, a user's LightGBM, XGBoost or scikit-learn pipeline) behind an
+    `EstimatorTeacher` that decodes the rows to the user's columns and lines up the classes."""
+    from kd_ops.models.estimators import EstimatorTeacher, estimator_fingerprint
+    from kd_ops.models.table_model import TableModel
+
+    if isinstance(model, nn.Module):
+        return model
+    if isinstance(model, TableModel) and model.schema.same_encoding(dm.schema):
+        # A kd-ops table model of this very encoding (a teacher or champion distilled on these
+        # data): it reads the encoded rows as they are, with no decoding to records and back.
+        # `schema` stays on the returned model: re-distillation checks a champion's encoding by it.
+        if isinstance(model.inner, nn.Module):
+            model.inner.schema = model.schema
+            return model.inner
+        fingerprint = estimator_fingerprint(model.inner)
+        return EstimatorTeacher(model.inner, schema=model.schema, fingerprint=fingerprint, name=uri, where=key)
+    fingerprint = estimator_fingerprint(model)
+    if uri:
+        import hashlib
+
+        fingerprint = hashlib.sha256((fingerprint + uri).encode()).hexdigest()
+    return EstimatorTeacher(
+        model, dm.schema.classes, dm.schema, takes_frame=True, fingerprint=fingerprint, name=uri, where=key
+    )
+
+
+def _data_key(dm: Any) -> str:
+    """How an error names the data: the config key that chose it."""
+    cfg = dm.cfg
+    if cfg.path is not None:
+        return f"data.path = {cfg.path!r}"
+    if getattr(dm, "frame", None) is not None:
+        return "the DataFrame given as data"
+    return f"data.name = {cfg.name!r}"
+
+
 def load_for_data(uri: str, dm: Any, key: str, torch_only: bool = False, allow_pickle: bool = False) -> Any:
     """Load `uri` and check it maps this dataset's rows to its classes; `key` names the setting in errors.
 
-    `torch_only` is for teachers: a PyTorch model with its module tree, so layers can be tapped.
-    `allow_pickle` is the user's consent to run code stored in the model file (a pickle model,
-    a pt2 archive with pickled records, skops types kd-ops does not trust); without it such a
-    model is a `ConfigError` naming `key`, the URI and the opt-in.
+    `torch_only` is for teachers of images: a PyTorch model with its module tree, so layers can be
+    tapped. On a table any flavour that gives probabilities is taken (`for_table`); a PyTorch one
+    keeps its module tree. `allow_pickle` is the user's consent to run code stored in the model file
+    (a pickle model, a pt2 archive with pickled records, skops types kd-ops does not trust, a pyfunc
+    model); without it such a model is a `ConfigError` naming `key`, the URI and the opt-in.
     """
+    table = getattr(dm, "schema", None) is not None
     try:
-        if torch_only:
+        if table:
+            local = _local_copy(uri)
+            if "pytorch" in _flavors(local) and torch_only:
+                model = _load_torch_local(local, uri, module_tree=True, allow_pickle=allow_pickle)
+            else:
+                model = load_model(uri, allow_pickle=allow_pickle)
+            model = for_table(model, dm, key, uri)
+        elif torch_only:
             model = load_torch_model(uri, module_tree=True, allow_pickle=allow_pickle)
         else:
             model = load_model(uri, allow_pickle=allow_pickle)
     except ConfigError as exc:
         raise ConfigError(f"{key} = {exc}") from None
     except Exception as exc:  # MLflow raises several types for a URI that does not resolve
-        kind = "a PyTorch model" if torch_only else "a model"
+        kind = "a PyTorch model" if torch_only and not table else "a model"
         raise ConfigError(f"{key} = {uri!r}: cannot load it as {kind}: {first_line(exc)}") from None
     try:
         out = _probe(model, dm.arrays("val")[0][:2])
+    except ConfigError as exc:
+        raise ConfigError(f"{key} = {uri!r}: {exc}") from None
     except Exception as exc:
         raise ConfigError(
             f"{key} = {uri!r}: the model does not accept rows of {dm.n_features} features "
-            f"from data.name = {dm.cfg.name!r}: {first_line(exc)}"
+            f"from {_data_key(dm)}: {first_line(exc)}"
         ) from None
     if out.ndim != 2 or out.shape[1] != dm.n_classes:
         raise ConfigError(
             f"{key} = {uri!r}: the model outputs shape {tuple(out.shape)}, "
-            f"expected (batch, {dm.n_classes}) for data.name = {dm.cfg.name!r}"
+            f"expected (batch, {dm.n_classes}) for {_data_key(dm)}"
         )
     return model

@@ -137,9 +137,12 @@ class SoftTargetClassifier(ClassifierMixin, BaseEstimator):
     `estimator`. Module-level and plain attributes, so it pickles (MLflow's sklearn flavour).
     """
 
-    def __init__(self, estimator: BaseEstimator, min_weight: float = 1e-3):
+    def __init__(self, estimator: BaseEstimator, min_weight: float = 1e-3, preprocessor: Any = None):
+        """`preprocessor`: an unfitted transformer put in front of the estimator (fitted on the
+        transfer rows): how a linear student reads a table's encoded rows (`table_preprocessor`)."""
         self.estimator = estimator
         self.min_weight = min_weight
+        self.preprocessor = preprocessor
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> SoftTargetClassifier:
         X = np.asarray(X)
@@ -149,6 +152,9 @@ class SoftTargetClassifier(ClassifierMixin, BaseEstimator):
             if labels.size and labels.min() < 0:
                 raise ValueError("hard labels must be integers 0..C-1")
             y = np.eye(int(labels.max()) + 1 if labels.size else 0)[labels]
+        if self.preprocessor is not None:
+            self.preprocessor_ = clone(self.preprocessor).fit(X)
+            X = self.preprocessor_.transform(X)
         x_rep, y_rep, w_rep = soft_to_weighted(X, y, self.min_weight)
         present = np.unique(y_rep)
         if len(present) < 2:
@@ -156,18 +162,48 @@ class SoftTargetClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"soft targets put weight on {len(present)} class(es) only; need at least 2")
         self.estimator_ = clone(self.estimator).fit(x_rep, y_rep, sample_weight=w_rep)
         self.classes_ = np.arange(y.shape[1])
-        self.n_features_in_ = X.shape[1]
+        self.n_features_in_ = np.asarray(X).shape[1] if self.preprocessor is None else self.preprocessor_.n_features_in_
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "estimator_")
-        inner = self.estimator_.predict_proba(np.asarray(X))
+        X = np.asarray(X)
+        prep = getattr(self, "preprocessor_", None)  # models saved before kd-ops 0.2 have none
+        inner = self.estimator_.predict_proba(prep.transform(X) if prep is not None else X)
         out = np.zeros((inner.shape[0], len(self.classes_)), dtype=np.float64)
         out[:, self.estimator_.classes_.astype(np.int64)] = inner
         return out
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+def table_preprocessor(schema: Any) -> Any:
+    """What a linear model needs of a table's encoded rows, which hold NaN for missing values and
+    category indices: numeric and boolean columns imputed with the training mean and scaled,
+    categories one-hot encoded (missing and unseen: no column set). Trees take the rows as they are."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    dense = sorted(schema.of_kind("numeric") + schema.of_kind("boolean"))
+    cats = schema.of_kind("categorical")
+    parts = []
+    if dense:
+        parts.append(("dense", make_pipeline(SimpleImputer(strategy="mean"), StandardScaler()), dense))
+    if cats:
+        codes = SimpleImputer(strategy="constant", fill_value=-1.0)
+        # dtype by name: skops stores a numpy type object as a type it does not trust by default
+        onehot = OneHotEncoder(handle_unknown="ignore", dtype="float64")
+        parts.append(("categories", make_pipeline(codes, onehot), cats))
+    return ColumnTransformer(parts, sparse_threshold=0.0)
+
+
+def _takes_missing(estimator: BaseEstimator) -> bool:
+    from sklearn.utils import get_tags
+
+    return bool(get_tags(estimator).input_tags.allow_nan)
 
 
 def fit_soft(
@@ -177,6 +213,7 @@ def fit_soft(
     probs: np.ndarray,
     seed: int,
     min_weight: float = 1e-3,
+    schema: Any = None,
 ) -> SoftTargetClassifier:
     """Build the registered `kind` from validated `params` and fit it on the soft targets `probs`.
 
@@ -185,7 +222,14 @@ def fit_soft(
     """
     entry = SKLEARN_MODELS.get(kind)
     estimator = entry.build(entry.params.model_validate(params or {}), seed)
-    return SoftTargetClassifier(estimator, min_weight=min_weight).fit(x, probs)
+    return soft_classifier(estimator, min_weight, schema).fit(x, probs)
+
+
+def soft_classifier(estimator: BaseEstimator, min_weight: float, schema: Any = None) -> SoftTargetClassifier:
+    """The soft-target wrapper of `estimator`; on a table (`schema`), with `table_preprocessor` in
+    front when the estimator cannot take missing values (logistic regression)."""
+    prep = table_preprocessor(schema) if schema is not None and not _takes_missing(estimator) else None
+    return SoftTargetClassifier(estimator, min_weight=min_weight, preprocessor=prep)
 
 
 def jitter_copies(x: np.ndarray, copies: int, std: float, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
@@ -245,14 +289,17 @@ def sklearn_size(est: BaseEstimator) -> dict[str, int]:
 # -- pipeline entry points -------------------------------------------------------------------------
 
 
-def distill_to_sklearn(p: Any, temperature: float, teacher: Any, dm: Any, seed: int) -> BaseEstimator:
+def distill_to_sklearn(
+    p: Any, temperature: float, teacher: Any, dm: Any, seed: int, estimator: BaseEstimator | None = None
+) -> BaseEstimator:
     """Fit the configured sklearn student (`p`: the `sklearn` strategy's params) on the teacher's
     soft targets at `temperature` over the transfer set.
 
     Jittered copies of the transfer rows (`jitter_copies`) are labelled by the teacher too: a
     tree cannot generalise between rows it never saw, so the teacher fills the gaps. With
     `hard_labels` the same model is fitted on the true labels of the plain transfer set: the
-    baseline. Returns the plain fitted estimator when it knows every class (so the registered
+    baseline. `estimator`: the user's own (Python API), fitted instead of the named `p.model`.
+    Returns the plain fitted estimator when it knows every class (so the registered
     model loads without kd-ops), the all-class wrapper otherwise.
     """
     import torch
@@ -260,9 +307,14 @@ def distill_to_sklearn(p: Any, temperature: float, teacher: Any, dm: Any, seed: 
 
     x, y = dm.arrays("transfer")
     n_classes = dm.n_classes
+    schema = getattr(dm, "schema", None)
     if p.hard_labels:
         x_fit, probs = x, np.eye(n_classes)[y]
     else:
+        if p.jitter_copies and getattr(dm, "schema", None) is not None:
+            from kd_ops.core.errors import ConfigError
+
+            raise ConfigError("distill.params.jitter_copies: noise on encoded table rows (category codes) is no table")
         _, std = dm.normalization()
         x_fit = jitter_copies(x, p.jitter_copies, p.jitter, np.random.default_rng(seed), scale=std)
         with torch.inference_mode():
@@ -271,8 +323,11 @@ def distill_to_sklearn(p: Any, temperature: float, teacher: Any, dm: Any, seed: 
             )
         probs = (logits.float() / temperature).softmax(1).numpy().astype(np.float64)
     with threadpool_limits(limits=1):  # sklearn's OpenMP threads fight torch's on a small machine
-        model = fit_soft(p.model, p.params, x_fit, probs, seed, p.min_weight)
+        if estimator is not None:
+            model = soft_classifier(clone(estimator), p.min_weight, schema).fit(x_fit, probs)
+        else:
+            model = fit_soft(p.model, p.params, x_fit, probs, seed, p.min_weight, schema)
     inner = model.estimator_
-    if np.array_equal(getattr(inner, "classes_", []), np.arange(n_classes)):
+    if model.preprocessor is None and np.array_equal(getattr(inner, "classes_", []), np.arange(n_classes)):
         return inner
     return model

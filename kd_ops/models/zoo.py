@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from collections import OrderedDict
 from math import prod
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -100,12 +101,29 @@ def build_cnn(p: CNNParams, input_shape: tuple[int, ...], n_classes: int) -> nn.
 
 
 def build_model(
-    name: str, params: dict, input_shape: tuple[int, ...], n_classes: int, mean: float = 0.0, std: float = 1.0
+    name: str,
+    params: dict,
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    mean: float = 0.0,
+    std: float = 1.0,
+    table: Any = None,
 ) -> nn.Module:
-    """A registered network behind its input normalisation: `normalize` then `net`."""
+    """A registered network behind its input normalisation: `normalize` then `net`.
+
+    With `table` (a `TableSchema`), `normalize` is the table's input layer instead
+    (`kd_ops.models.tabular.TableInput`: per-column scaling, missing values, category
+    embeddings) and the network is built for the width that layer puts out."""
     entry = MODELS.get(name)
+    if table is not None:
+        from kd_ops.models.tabular import TableInput
+
+        front: nn.Module = TableInput(table)
+        input_shape = (front.width,)
+    else:
+        front = Standardize(mean, std)
     body = entry.build(entry.params.model_validate(params), tuple(input_shape), n_classes)
-    return nn.Sequential(OrderedDict(normalize=Standardize(mean, std), net=body))
+    return nn.Sequential(OrderedDict(normalize=front, net=body))
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -13,6 +13,7 @@ as runs nested under `teacher`; born-again generations as a chain of runs nested
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -123,7 +124,10 @@ def _section_params(section: ModelSection) -> dict[str, Any]:
 def _new_model(section: ModelSection, dm: DistillDataModule, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     mean, std = dm.normalization()
-    return build_model(section.model, section.params, dm.input_shape, dm.n_classes, mean, std)
+    try:
+        return build_model(section.model, section.params, dm.input_shape, dm.n_classes, mean, std, table=dm.schema)
+    except ValueError as exc:  # a network that does not fit the data (a CNN on a table)
+        raise ConfigError(f"model {section.model!r} on data {dm.cfg.source_name!r}: {exc}") from None
 
 
 def evaluate(cfg: ExperimentConfig, model: Any, dm: DistillDataModule, name: str = "model") -> Evaluation:
@@ -134,11 +138,57 @@ def evaluate(cfg: ExperimentConfig, model: Any, dm: DistillDataModule, name: str
 # -- teachers -----------------------------------------------------------------------------------
 
 
+def _train_boosted_teacher(section: ModelSection, dm: DistillDataModule, seed: int, example) -> tuple[nn.Module, str]:
+    """A boosted ensemble on the training split, early-stopped on the val split, registered in a
+    format that loads without unpickling (a kd-ops table model, or LightGBM/XGBoost's own)."""
+    from threadpoolctl import threadpool_limits
+
+    from kd_ops.models.estimators import BOOSTED_TEACHERS, EstimatorTeacher
+
+    entry = BOOSTED_TEACHERS.get(section.model)
+    (x, y), (xv, yv) = dm.arrays("train"), dm.arrays("val")
+    mlflow.log_params({"model": section.model, **{f"model.{k}": v for k, v in section.params.items()}})
+    t0 = time.perf_counter()
+    with threadpool_limits(limits=2):
+        fitted = entry.build(entry.params.model_validate(section.params), x, y, xv, yv, dm.schema, seed)
+    mlflow.log_metric("train_time_s", time.perf_counter() - t0)
+    for attr in ("best_iteration_", "best_iteration", "n_iter_"):
+        if isinstance(getattr(fitted, attr, None), int):
+            mlflow.log_metric("boosting_rounds", getattr(fitted, attr))
+            break
+    # The booster itself answers: LightGBM's and XGBoost's scikit-learn wrappers spend milliseconds
+    # validating each call (4.7 ms against 0.3 ms for one row), which the teacher's latency would count.
+    if hasattr(fitted, "booster_"):
+        inner = fitted.booster_
+    else:
+        inner = fitted
+        if hasattr(fitted, "get_booster"):  # XGBoost keeps the rounds after the best one: cut them
+            best = getattr(fitted, "best_iteration", None)
+            inner = fitted.get_booster()[: best + 1] if best is not None else fitted.get_booster()
+    teacher = EstimatorTeacher(inner, name=section.model)
+    return teacher, _log_model(teacher, dm, example).model_uri
+
+
+def _log_model(model: Any, dm: DistillDataModule, example, registered_name: str | None = None):
+    """A model into the active run, in the format that fits it: a kd-ops table model for a table
+    (raw records in), else pt2 for a network, skops for an estimator, LightGBM's or XGBoost's own."""
+    if dm.schema is not None:
+        from kd_ops.models.table_flavor import log_table_model
+
+        return log_table_model(model, dm.schema, example, registered_name=registered_name)
+    if isinstance(model, nn.Module) and not hasattr(model, "estimator"):
+        return tracking.log_torch_model(model, example, registered_name=registered_name)
+    return tracking.log_sklearn_model(getattr(model, "estimator", model), example, registered_name=registered_name)
+
+
 def _train_teacher(
     cfg: ExperimentConfig, section: ModelSection, dm: DistillDataModule, seed: int, example
 ) -> tuple[nn.Module, str]:
     from kd_ops.data.corruptions import corrupt_some
+    from kd_ops.models.estimators import BOOSTED_TEACHERS
 
+    if section.model in BOOSTED_TEACHERS:
+        return _train_boosted_teacher(section, dm, seed, example)
     teacher = _new_model(section, dm, seed)
     augment = getattr(section, "augment", [])
     corrupt = corrupt_some(augment, section.augment_share, dm.raw, seed) if augment else None
@@ -146,7 +196,7 @@ def _train_teacher(
     mlflow.log_params(_section_params(section))
     mlflow.log_metric("train_time_s", _fit(cfg, module, dm, section))
     teacher = freeze(module.export())
-    return teacher, tracking.log_torch_model(teacher, example).model_uri
+    return teacher, _log_model(teacher, dm, example).model_uri
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -167,6 +217,7 @@ class _Context:
     logits: dict[str, np.ndarray] = field(default_factory=dict)  # test-split logits per role (plots, agreement)
     gates: list[dict[str, Any]] = field(default_factory=list)
     reference_rows: tuple[np.ndarray, np.ndarray] | None = None  # default: the val split
+    student_object: Any = None  # a network or estimator given through the Python API
 
     def child(self, name: str, role: str | None = None, **tags: str):
         return mlflow.start_run(
@@ -187,8 +238,8 @@ def _teacher_stage(ctx: _Context, loaded: dict[int, nn.Module]) -> nn.Module:
         for i, section in enumerate(sections):
             several = len(sections) > 1
             with ctx.child(f"teacher-{i}", role="teacher-member") if several else contextlib.nullcontext():
-                if section.uri:
-                    model, uri = loaded[i], section.uri
+                if i in loaded:
+                    model, uri = loaded[i]
                     mlflow.log_params({"model": "loaded", "uri": uri})
                 else:
                     model, uri = _train_teacher(cfg, section, ctx.dm, cfg.seed + 100 * i, ctx.example)
@@ -286,9 +337,22 @@ class _Trainer:
         self.ctx, self.cfg, self.dm = ctx, ctx.cfg, ctx.dm
 
     def new_student(self, seed_offset: int) -> nn.Module:
+        given = self.ctx.student_object
+        if isinstance(given, nn.Module):  # the user's network: every student starts from its weights
+            return copy.deepcopy(given)
         return _new_model(self.cfg.student, self.dm, self.cfg.seed + seed_offset)
 
+    @property
+    def student_estimator(self) -> Any:
+        """The user's estimator (Python API), which the `sklearn` method fits instead of a named one."""
+        given = self.ctx.student_object
+        return None if given is None or isinstance(given, nn.Module) else given
+
     def student_params(self) -> dict[str, Any]:
+        if self.ctx.student_object is not None:
+            from kd_ops.pipeline.inputs import describe
+
+            return {"model": describe(self.ctx.student_object)}
         return _section_params(self.cfg.student)
 
     def module_kwargs(self, method_cfg: DistillConfig) -> dict[str, Any]:
@@ -340,7 +404,7 @@ def _student_stage(
     strategy = strategy_for(method_cfg)
     with ctx.child(role) as run:
         ctx.runs[role] = run.info.run_id
-        mlflow.log_params({**_section_params(cfg.student), **strategy.run_params()})
+        mlflow.log_params({**_Trainer(ctx).student_params(), **strategy.run_params()})
         student, seconds = strategy.train(_Trainer(ctx), teacher if strategy.needs_teacher else None, initial)
         ev = evaluate(cfg, student, ctx.dm)
         _log_evaluation(ctx, role, ev, {**_vs_teacher(ctx, ev), "train_time_s": seconds})
@@ -357,43 +421,67 @@ def _register(ctx: _Context, student: Any) -> None:
     rows = ctx.reference_rows
     split = "production" if rows is not None else "val"
     log_reference(build_reference(student, ctx.models.get("teacher"), ctx.dm, split, rows))
-    if isinstance(student, nn.Module):
-        info = tracking.log_torch_model(student, ctx.example, registered_name=cfg.registry.name)
-    else:
-        info = tracking.log_sklearn_model(student, ctx.example, registered_name=cfg.registry.name)
+    info = _log_model(student, ctx.dm, ctx.example, registered_name=cfg.registry.name)
     ctx.registered.update(name=cfg.registry.name, version=str(info.registered_model_version), model_uri=info.model_uri)
 
 
 def run_distillation(
     cfg: ExperimentConfig,
+    teacher: Any = None,
+    student: Any = None,
+    data: Any = None,
+    *,
     extra: ExtraRows | None = None,
     tags: dict[str, str] | None = None,
     reference: ExtraRows | None = None,
 ) -> DistillResult:
     """Train (or load) the teacher, the labels-only baseline and the distilled student.
 
+    Your own objects, each winning over its config section (and recorded in the run's params and
+    lineage by class name or URI):
+    - `teacher`: a torch module or LightningModule, an estimator with `predict_proba` (on a table it
+      gets your DataFrame's columns and types), or an MLflow model URI;
+    - `student`: a torch module (checked to export with torch.export before training) or a
+      scikit-learn estimator (fitted on the teacher's soft targets by the `sklearn` method);
+    - `data`: a pandas DataFrame (read with the config's `data.*` keys: `data.label` at least) or a
+      LightningDataModule (its train, val and test loaders are the splits).
+
     `extra` rows join the transfer set (re-distillation: recent production inputs labelled by the
     teacher); `tags` go on the parent run and the registered version (why this run happened);
     `reference` rows replace the val split as the reference stored for monitoring."""
+    from kd_ops.pipeline import inputs
+
+    given_student = student
     apply_offline_defaults()
     tracking.open_tracking(cfg.tracking.uri)  # before a teacher URI is resolved: models:/ goes there too
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = DistillDataModule(cfg.data, cfg.seed, extra=extra)
-    dm.setup()
+    dm = inputs.data_module(cfg, data, extra)
+    cfg = inputs.table_defaults(cfg, dm)
+    if student is not None:
+        student = inputs.student_object(student, dm, cfg.seed + 1)
+        if inputs._is_estimator(student) and cfg.distill.method != "sklearn":
+            cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"method": "sklearn"})})
+    _check_teacher_kinds(cfg, teacher)
     # Teacher URIs that do not resolve or do not fit the data fail before any run exists; so does
     # a teacher whose loading would run code stored in its file, unless cfg.allow_pickle.
     sections = [cfg.teacher, *cfg.teachers]
-    loaded = {
-        i: load_for_data(
+    loaded: dict[int, tuple[nn.Module, str]] = {
+        i: (
+            load_for_data(
+                s.uri,
+                dm,
+                "teacher.uri" if i == 0 else f"teachers.{i - 1}.uri",
+                torch_only=True,
+                allow_pickle=cfg.allow_pickle,
+            ),
             s.uri,
-            dm,
-            "teacher.uri" if i == 0 else f"teachers.{i - 1}.uri",
-            torch_only=True,
-            allow_pickle=cfg.allow_pickle,
         )
         for i, s in enumerate(sections)
         if s.uri
     }
+    if teacher is not None:
+        loaded[0] = (inputs.teacher_object(teacher, dm, cfg.allow_pickle), inputs.describe(teacher))
+    _check_feature_losses(cfg, loaded)
     experiment_id = tracking.use_experiment(cfg.tracking.uri, cfg.tracking.experiment)
     lineage = {
         tracking.TAG_DATASET: dm.fingerprint(),
@@ -401,10 +489,11 @@ def run_distillation(
         tracking.TAG_CODE_VERSION: tracking.code_version(),
     }
     ctx = _Context(cfg, dm, dm.with_role("transfer"), experiment_id, lineage, dm.arrays("val")[0][:5])
+    ctx.student_object = student
     if reference is not None:
         ctx.reference_rows = (reference.x, reference.y)
 
-    run_name = f"{cfg.data.name}-{cfg.distill.method}-seed{cfg.seed}"
+    run_name = f"{dm.raw.name if data is not None else cfg.data.source_name}-{cfg.distill.method}-seed{cfg.seed}"
     with (
         lineage_scope(**ctx.lineage),
         mlflow.start_run(
@@ -415,6 +504,8 @@ def run_distillation(
     ):
         ctx.runs["parent"] = parent.info.run_id
         mlflow.log_params(cfg.flat())
+        objects = {"teacher": teacher, "student": given_student, "data": data}
+        mlflow.log_params({f"api.{k}": inputs.describe(v) for k, v in objects.items() if v is not None})
         mlflow.log_text(dump_config(cfg), "config.yaml")
         mlflow.log_dict(
             {
@@ -427,7 +518,7 @@ def run_distillation(
         teacher = _teacher_stage(ctx, loaded)
         strategy = strategy_for(cfg.distill)
         # Baseline and student start from the same initial weights: the loss is the only difference.
-        initial = _new_model(cfg.student, dm, cfg.seed + 1) if strategy.network_student else None
+        initial = _Trainer(ctx).new_student(1) if strategy.network_student else None
         if cfg.distill.baseline:
             _student_stage(ctx, "baseline", teacher, strategy.baseline(), initial)
         _student_stage(ctx, "student", teacher, cfg.distill, initial)
@@ -453,6 +544,34 @@ def run_distillation(
     return DistillResult(
         ctx.metrics, ctx.runs, ctx.registered, cfg.tracking.uri, experiment_id, ctx.gates, ctx.models, dm
     )
+
+
+def _check_teacher_kinds(cfg: ExperimentConfig, teacher: Any) -> None:
+    """A boosted teacher trained here has no layers: feature-based losses are refused by name."""
+    from kd_ops.models.estimators import BOOSTED_TEACHERS
+
+    for i, section in enumerate([cfg.teacher, *cfg.teachers]):
+        if section.uri or (i == 0 and teacher is not None) or section.model not in BOOSTED_TEACHERS:
+            continue
+        _refuse_feature_losses(cfg, f"{'teacher' if i == 0 else f'teachers.{i - 1}'}.model = {section.model!r}")
+
+
+def _check_feature_losses(cfg: ExperimentConfig, loaded: dict[int, tuple[nn.Module, str]]) -> None:
+    from kd_ops.models.estimators import EstimatorTeacher
+
+    for i, (model, uri) in loaded.items():
+        if isinstance(model, EstimatorTeacher):
+            _refuse_feature_losses(cfg, f"teacher {uri!r} ({model.name or type(model.estimator).__name__})")
+
+
+def _refuse_feature_losses(cfg: ExperimentConfig, what: str) -> None:
+    terms = strategy_for(cfg.distill).loss_terms()
+    tapping = [t.loss_name for t in terms if taps_of([t], "teacher")]
+    if tapping:
+        raise ConfigError(
+            f"distill: the feature-based losses {tapping} read the teacher's layers, and {what} is not a "
+            "network; use response losses (kd, dkd, ...) or a PyTorch teacher"
+        )
 
 
 def _edge_stage(ctx: _Context) -> None:

@@ -101,8 +101,36 @@ def teacher_classes(teachers: list[Any], x: np.ndarray) -> np.ndarray:
 MIN_HOLDOUT_ROWS = 20  # fewer recent rows to gate on and the recent-gain gate is a coin toss
 
 
-def production_set(cfg: ExperimentConfig, teachers: list[Any], n_features: int, n_classes: int) -> ProductionSet:
-    """The latest `production_rows` inputs of the model from the log, labelled, with a holdout."""
+def logged_rows(inputs: Any, n_features: int, name: str, schema: Any = None) -> np.ndarray:
+    """The log's `inputs` column as the rows a model reads: float rows as they are (images, and
+    the encoded rows older servers logged for tables), a table's raw records encoded with
+    `schema` (`strict=False`: a field the model does not take was ignored when it was served, a
+    category never seen in training is a missing value, as the served model read it)."""
+    values = list(inputs)
+    records = [isinstance(v, dict) for v in values]
+    if any(records) and schema is None:
+        raise ConfigError(f"the prediction log holds table records for {name!r} but its data has no table schema")
+    if schema is None or not any(records):
+        x = np.asarray(values, dtype=np.float32)
+    else:
+        import pandas as pd
+
+        x = np.empty((len(values), len(schema.columns)), dtype=np.float32)
+        rows = np.asarray(records)
+        table = pd.DataFrame.from_records([v for v, r in zip(values, records) if r])
+        x[rows] = schema.encode(table, where=f"logged inputs of {name!r}", strict=False)
+        if not rows.all():
+            x[~rows] = np.asarray([v for v, r in zip(values, records) if not r], dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != n_features:
+        raise ConfigError(f"logged inputs of {name!r} have shape {x.shape}; the dataset has {n_features} features")
+    return x
+
+
+def production_set(
+    cfg: ExperimentConfig, teachers: list[Any], n_features: int, n_classes: int, schema: Any = None
+) -> ProductionSet:
+    """The latest `production_rows` inputs of the model from the log, labelled, with a holdout.
+    `schema`: the table schema the rows are encoded with (None for images)."""
     from kd_ops.prediction_log.reader import read_predictions
 
     name, r = cfg.registry.name, cfg.redistill
@@ -114,9 +142,10 @@ def production_set(cfg: ExperimentConfig, teachers: list[Any], n_features: int, 
         raise ConfigError(f"monitor.store = {cfg.monitor.store!r}: cannot read the prediction log: {first_line(exc)}")
     if frame.empty:
         raise NoProductionRows(f"the prediction log {cfg.monitor.store} holds no predictions of {name!r}")
-    x = np.asarray(frame["inputs"].tolist(), dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != n_features:
-        raise ConfigError(f"logged inputs of {name!r} have shape {x.shape}; the dataset has {n_features} features")
+    try:
+        x = logged_rows(frame["inputs"], n_features, name, schema)
+    except ValueError as exc:  # rows of different lengths, text where numbers belong
+        raise ConfigError(f"logged inputs of {name!r}: {exc}") from None
     feedback = frame["label"].to_numpy(dtype=float)
     # A feedback label that is not one of the model's classes is not trusted: the teacher labels that row.
     from_feedback = np.isfinite(feedback) & (feedback >= 0) & (feedback < n_classes)
@@ -130,6 +159,39 @@ def production_set(cfg: ExperimentConfig, teachers: list[Any], n_features: int, 
     holdout = np.zeros(len(y), dtype=bool)
     holdout[np.random.default_rng(cfg.seed).permutation(len(y))[:n_holdout]] = True
     return ProductionSet(x, y, from_feedback, holdout)
+
+
+def table_schema(dm: Any, champion_model: Any, name: str, champion: str) -> Any:
+    """The schema the logged records are encoded with: the champion's, which served them. The
+    rows join the data's transfer set, so it must be the schema the data was encoded with too:
+    the same columns of the same kinds and the same vocabularies, or a category index would mean
+    another category to the new student. None for images."""
+    schema = dm.schema
+    if schema is None:
+        return None
+    # A table model of another encoding is wrapped (its own schema on `.estimator`); one of this
+    # encoding is read directly and carries its schema itself (kd_ops.models.loading.for_table).
+    served = getattr(getattr(champion_model, "estimator", None), "schema", None)
+    served = served if served is not None else getattr(champion_model, "schema", None)
+    if served is None:  # a champion that is not a kd-ops table model: the data's own encoding
+        return schema
+
+    if not served.same_encoding(schema):
+        theirs = {c.name: c.kind for c in served.columns}
+        ours = {c.name: c.kind for c in schema.columns}
+        if list(theirs) != list(ours):
+            what = f"columns {list(theirs)[:8]} against {list(ours)[:8]}"
+        elif theirs != ours:
+            what = "the same columns of other kinds"
+        elif served.classes != schema.classes:
+            what = f"classes {list(served.classes)[:8]} against {list(schema.classes)[:8]}"
+        else:
+            what = "other category vocabularies"
+        raise ConfigError(
+            f"{name} v{champion} was distilled on another table than data {dm.cfg.source_name!r} ({what}): "
+            "re-distil with the data the champion was distilled on"
+        )
+    return served
 
 
 def redistill_config(cfg: ExperimentConfig, teacher_uri: str) -> ExperimentConfig:
@@ -180,14 +242,16 @@ def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual") -> Redist
     # Everything the decision needs is loaded before training: a version is never left half-judged.
     champion_model = load_for_data(f"models:/{name}/{champion}", dm, "champion", allow_pickle=cfg.allow_pickle)
     reference = load_reference(name, champion, cfg.tracking.uri)
-    prod = production_set(cfg, teachers, dm.n_features, dm.n_classes)
+    prod = production_set(cfg, teachers, dm.n_features, dm.n_classes, table_schema(dm, champion_model, name, champion))
     train = ~prod.holdout
     hx, hy = prod.x[prod.holdout], prod.y[prod.holdout]
     log.info("re-distilling %s (champion v%s) with %s", name, champion, prod.counts())
 
     tags = {TAG_REDISTILL: champion, TAG_TRIGGER: trigger[:250]}
     # The new version's reference is the held-out recent traffic it was made for.
-    result = run_distillation(recipe, ExtraRows(prod.x[train], prod.y[train]), tags, ExtraRows(hx, hy))
+    result = run_distillation(
+        recipe, extra=ExtraRows(prod.x[train], prod.y[train]), tags=tags, reference=ExtraRows(hx, hy)
+    )
     version = result.registered["version"]
     try:
         return _decide(cfg, client, result, champion, champion_model, reference, prod, trigger)

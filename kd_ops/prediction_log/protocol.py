@@ -55,19 +55,31 @@ def stored_time(t: dt.datetime) -> str:
     return (t if t.tzinfo is None else t.replace(tzinfo=None)).isoformat(" ", "microseconds")
 
 
+def _records(inputs: Any) -> bool:
+    """True when a batch's inputs are a table's raw records (JSON objects), not a float matrix."""
+    return isinstance(inputs, (list, tuple)) and len(inputs) > 0 and isinstance(inputs[0], dict)
+
+
 def stored_predictions(batch: dict[str, Any]) -> list[list[Any]]:
     """The rows of one `prediction_batch`, each a list in PREDICTION_COLUMNS order, as the store
     keeps them: JSON columns as the text the engine's `json_serializer` (`_json`) writes, the time
     as `stored_time`, class and confidence from the float32 probabilities. The same stored values
     as SQLAlchemy writes for `prediction_rows(batch)`, at a fraction of the cost: the JSON is
-    written in C (orjson) and the rest is one list per row."""
+    written in C (orjson) and the rest is one list per row.
+
+    `inputs` is a float matrix (a model of rows: each row stored as float32) or, for a table
+    model, a list of records (dicts), each stored as the JSON object the client sent, nulls kept:
+    the log keeps what was asked, so a reader can re-encode it with any later schema."""
     probs = np.ascontiguousarray(batch["probabilities"], dtype=np.float32)
-    x = np.ascontiguousarray(batch["inputs"], dtype=np.float32)
+    raw = batch["inputs"]
+    records = _records(raw)
+    x = raw if records else np.ascontiguousarray(raw, dtype=np.float32)
     ids, slices = batch["ids"], batch["slices"]
-    if probs.ndim != 2 or x.ndim != 2 or not (len(ids) == len(x) == len(probs) == len(slices)):
+    shape = f"{len(x)} records" if records else f"inputs {x.shape}"
+    if probs.ndim != 2 or (not records and x.ndim != 2) or not (len(ids) == len(x) == len(probs) == len(slices)):
         raise ValueError(
             f"a prediction batch needs one id, input row, probability row and slices dict per row: got {len(ids)}"
-            f" ids, inputs {x.shape}, probabilities {probs.shape}, {len(slices)} slices"
+            f" ids, {shape}, probabilities {probs.shape}, {len(slices)} slices"
         )
     classes, confidence = probs.argmax(axis=1).tolist(), probs.max(axis=1).tolist()
     created = stored_time(batch["created_at"])
@@ -103,16 +115,22 @@ def prediction_batch(
     probs: np.ndarray,
     slices: list[dict[str, str]],
     ids: list[str] | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One answered request, by column: what the server sends the writer. Whole arrays serialise in
-    one call (orjson, in C); the writer process spends the per-row Python, not the request loop."""
+    one call (orjson, in C); the writer process spends the per-row Python, not the request loop.
+
+    `records`: a table model's raw records as the client sent them; logged as the inputs in place
+    of the encoded rows `x` (which the encoding derives from them, under the version's schema)."""
+    if records is not None and len(records) != len(x):
+        raise ValueError(f"a prediction batch needs one record per row: got {len(records)} for {len(x)} rows")
     return {
         "ids": ids or [new_id() for _ in range(len(x))],
         "created_at": utcnow(),
         "model_name": name,
         "model_version": version,
         "request_id": new_id(),
-        "inputs": x,
+        "inputs": records if records is not None else x,
         "probabilities": probs,
         "slices": slices,
     }
@@ -121,7 +139,7 @@ def prediction_batch(
 def prediction_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
     """The log rows of one `prediction_batch` (one request id, one timestamp, one model version)."""
     probs = np.asarray(batch["probabilities"], dtype=np.float32)
-    x = np.asarray(batch["inputs"], dtype=np.float32)
+    x = batch["inputs"] if _records(batch["inputs"]) else np.asarray(batch["inputs"], dtype=np.float32)
     classes, confidence = probs.argmax(axis=1), probs.max(axis=1)
     common = {k: batch[k] for k in ("created_at", "model_name", "model_version", "request_id")}
     return [

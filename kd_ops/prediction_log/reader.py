@@ -14,8 +14,9 @@ from kd_ops.prediction_log.store import _chunks, feedback, open_store, predictio
 
 class StoredValueError(ValueError):
     """A value in the log that cannot be read back as the writer stores it: JSON that does not
-    parse (NaN or Infinity written by hand, a number beyond float range, a truncated text), or
-    inputs/probabilities that are not lists of finite numbers (orjson writes NaN as null).
+    parse (NaN or Infinity written by hand, a number beyond float range, a truncated text),
+    probabilities that are not lists of finite numbers (orjson writes NaN as null), or inputs that
+    are neither such a list (an array model's row) nor a flat record (a table model's row).
     Names the table, the column and the row."""
 
     def __init__(self, table: str, column: str, prediction_id: str, why: str, row_id: int | None = None):
@@ -26,7 +27,7 @@ class StoredValueError(ValueError):
 
 _WINDOW_CHUNK = 500  # ids per `IN (...)`: well under SQLite's variable limit (999 on old builds)
 _JSON_TEXT = ("inputs", "probabilities", "slices")  # read as text and decoded here, so a bad row is named
-_NUMBERS = ("inputs", "probabilities")
+_RECORD_VALUES = (str, int, float, bool, type(None))  # what a JSON object's field holds in a table row
 
 
 def _decode(text: Any, table: str, column: str, prediction_id: str, row_id: int | None = None) -> Any:
@@ -66,6 +67,33 @@ def _check_numbers(
         why = _not_numbers(value)
         if why is not None:
             raise StoredValueError(table, column, prediction_ids[i], why, row_ids[i] if row_ids else None)
+
+
+def _not_record(value: dict[str, Any]) -> str | None:
+    """Why `value` is not a table row as the server stores it (a flat JSON object: the original
+    column names, a value or null each), or None if it is."""
+    for key, v in value.items():
+        if not isinstance(v, _RECORD_VALUES):
+            return f"holds a record whose field {key!r} is a {type(v).__name__}, not a single value"
+    return None
+
+
+def _check_inputs(values: list[Any], prediction_ids: list[str]) -> None:
+    """Inputs are kept as stored: a list of finite numbers per row (an array model: pixels, or
+    the encoded rows older servers logged for tables) or a record per row (a table model: the
+    raw values the client sent, so the monitor sees categories the model never learnt). A log
+    holds both when it serves both kinds of model; each row is checked as what it is."""
+    records = [i for i, v in enumerate(values) if isinstance(v, dict)]
+    for i in records:
+        why = _not_record(values[i])
+        if why is not None:
+            raise StoredValueError(predictions.name, "inputs", prediction_ids[i], why)
+    if len(records) == len(values):
+        return
+    if records:
+        keep = sorted(set(range(len(values))) - set(records))
+        values, prediction_ids = [values[i] for i in keep], [prediction_ids[i] for i in keep]
+    _check_numbers(values, predictions.name, "inputs", prediction_ids)
 
 
 def _window_rows(
@@ -134,7 +162,9 @@ def read_predictions(
     """A window of the log as a DataFrame, newest last: one row per prediction with its latest
     feedback label (`label`, NaN if none) and the shadow teacher's class and probabilities if scored.
 
-    Inputs and probabilities stay as lists in one column each; `slice_<name>` columns are expanded.
+    `inputs` holds each row as stored: a list of numbers for an array model (images), a record
+    (dict: the original column names, None for a missing value) for a table model; probabilities
+    stay as lists; `slice_<name>` columns are expanded.
     The cost follows the window, not the log: its rows come off the (model_name, created_at) index
     (a read without `model_name` scans the table), their latest label and shadow score from lookups
     by prediction id. A stored value that cannot be decoded raises `StoredValueError` (a ValueError)
@@ -171,8 +201,8 @@ def read_predictions(
         )
         record["teacher_uri"] = None if score is None else score.teacher_uri
         records.append(record)
-    for key in _NUMBERS:
-        _check_numbers([rec[key] for rec in records], predictions.name, key, pids)
+    _check_inputs([rec["inputs"] for rec in records], pids)
+    _check_numbers([rec["probabilities"] for rec in records], predictions.name, "probabilities", pids)
     scored = [rec for rec in records if rec["teacher_probabilities"] is not None]
     _check_numbers(
         [rec["teacher_probabilities"] for rec in scored],

@@ -9,6 +9,12 @@ response goes out only after the commit, so an answered prediction is stored eve
 is killed the next instant. The model is picked up once per request: when the alias watcher
 swaps in a new version, requests already running finish on the old one and are logged under it.
 
+Two kinds of served version: a model of rows takes float32 feature rows (`rows`) and answers
+class indices; a kd-ops table model takes records keyed by its original columns (`records`, and
+MLflow's four scoring formats on /invocations), every value checked against its column's kind
+(a refusal names record and column, `records[3].distance`), encodes them with the version's
+schema, answers the user's labels ("Yes", true) and logs each record as the client sent it.
+
 Layout: the routes are module-level functions on `router`; each gets the server's `ServerState`
 injected (`ServerStateDep`, read from `app.state.kd_ops`). `create_app(state)` only builds the
 app around them: title and version, lifespan (the alias watcher, closing the log), the Host
@@ -23,13 +29,18 @@ import contextlib
 import copy
 import hmac
 import logging
+import math
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import BaseModel
 
+from kd_ops.core.errors import ConfigError
+from kd_ops.data.tables import close_matches
 from kd_ops.prediction_log.client import PredictionLog
 from kd_ops.prediction_log.feedback import REQUEST_ID_PATTERN, ReusedRequestId, feedback_job, replayed, request_digest
 from kd_ops.prediction_log.protocol import prediction_batch
@@ -46,6 +57,7 @@ from kd_ops.serving.schemas import (
     _INVOCATIONS,
     _PREDICT,
     MAX_ERRORS,
+    ROWS,
     SLICE_NAME,
     ErrorBody,
     FeedbackResponse,
@@ -56,6 +68,7 @@ from kd_ops.serving.schemas import (
     PredictResponse,
     RequestError,
     Slices,
+    _check,
     _json_response,
     _parse,
 )
@@ -154,24 +167,241 @@ def _features(rows: list[list[float]], served: ServedModel, where: str = "rows")
                 f"{where}[{i}]: {len(row)} values, but {served.name} v{served.version} takes {served.n_features}"
                 " features",
             )
-    x = np.asarray(rows, dtype=np.float32)
+    try:
+        x = np.asarray(rows, dtype=np.float32)
+    except OverflowError:  # an integer beyond any float: pydantic lets big ints through as numbers
+        i, j = next((i, j) for i, row in enumerate(rows) for j, v in enumerate(row) if abs(v) > FLOAT32_MAX)
+        raise RequestError(422, f"{where}[{i}][{j}]", f"{where}[{i}][{j}]: beyond float32's range") from None
     if not np.isfinite(x).all():  # finite doubles beyond float32's range
         i, j = np.argwhere(~np.isfinite(x))[0]
         raise RequestError(422, f"{where}[{i}][{j}]", f"{where}[{i}][{j}]: {rows[i][j]} is beyond float32's range")
     return x
 
 
-def _invocation_rows(req: InvocationsRequest, served: ServedModel) -> tuple[list[list[float]], str]:
-    """The rows of an MLflow scoring request, and the field they came in (for messages)."""
-    given = [k for k in ("inputs", "instances", "dataframe_split") if getattr(req, k) is not None]
-    if len(given) != 1:
-        why = "none" if not given else " and ".join(given)
+# -- a table model's records -------------------------------------------------------------------
+# A table model takes records keyed by its original columns. Every value is checked against its
+# column's kind here, before pandas sees it, so a refusal names the record and the column the way
+# the client wrote them (`records[3].distance`, `dataframe_split.data[3][7]`); what the schema's
+# own encoding refuses after that (it should be nothing) is mapped to the same kind of field.
+INT64_LIMIT = 1 << 63
+KIND_VALUES = {
+    "numeric": "a number or null",
+    "boolean": "true, false or null",
+    "categorical": "a string (or number, or boolean) or null",
+}
+
+
+def _shown(value: Any) -> str:
+    """A client's value as JSON writes it (true, null, "abc"), cut to 40 characters for a message."""
+    try:
+        text = orjson.dumps(value).decode() if value is None or isinstance(value, (bool, int, float, str)) else None
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits
+        text = None
+    text = text if text is not None else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _value_problem(value: Any, kind: str) -> str | None:
+    """Why `value` (parsed JSON) cannot stand in a column of `kind`; None if it can."""
+    if value is None:
+        return None  # missing: every kind takes it
+    if isinstance(value, (list, dict)):
+        return f"{'a list' if isinstance(value, list) else 'an object'} is not a column value; send {KIND_VALUES[kind]}"
+    if isinstance(value, bool):
+        return None if kind != "numeric" else f"{_shown(value)} is a boolean; send {KIND_VALUES[kind]}"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "not a finite number"
+        if isinstance(value, int) and abs(value) >= INT64_LIMIT:
+            return f"{_shown(value)} is an integer beyond 64 bits"
+        if abs(value) > FLOAT32_MAX:
+            return f"{_shown(value)} is beyond float32's range"
+        return None if kind != "boolean" else f"{_shown(value)} is a number; send {KIND_VALUES[kind]}"
+    if isinstance(value, str):
+        return None if kind == "categorical" else f"{_shown(value)} is text; send {KIND_VALUES[kind]}"
+    return f"{_shown(value)} is not a JSON value"
+
+
+class TableInput:
+    """A table request's records (dicts keyed by column, as the client sent them or as built from
+    its rows) and how each value is named in errors: `base[i].column`, or `base[i][j]` for a row
+    given as a list (`positions[i]` its column order), or `dataframe_split.data[i][j]`."""
+
+    def __init__(self, base: str, records: list[dict[str, Any]], positions: list[list[str] | None]):
+        self.base, self.records, self.positions = base, records, positions
+
+    def field(self, i: int, column: str) -> str:
+        order = self.positions[i]
+        return f"{self.base}[{i}].{column}" if order is None else f"{self.base}[{i}][{order.index(column)}]"
+
+
+def _records_input(items: list[Any], base: str, served: ServedModel) -> TableInput:
+    """`records` / `dataframe_records` / `inputs` / `instances` of a table: each item a record
+    (object keyed by column) or, for `inputs` and `instances`, a row of values in the signature's
+    column order (as MLflow's scoring server reads a list for a model with named columns)."""
+    schema = served.schema
+    assert schema is not None
+    names = list(schema.names)
+    wanted = set(names)
+    records: list[dict[str, Any]] = []
+    positions: list[list[str] | None] = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            for column in names:
+                if column not in item:
+                    others = [k for k in item if k not in wanted]
+                    raise RequestError(
+                        422,
+                        f"{base}[{i}].{column}",
+                        f"{base}[{i}].{column}: column {column!r} is missing{close_matches(column, others)};"
+                        " send null for a missing value",
+                    )
+            for key in item:
+                if key not in wanted:
+                    raise RequestError(
+                        422,
+                        f"{base}[{i}].{key}",
+                        f"{base}[{i}].{key}: unknown column {key!r}{close_matches(key, names)}; {served.name}"
+                        f" v{served.version} takes {names[:30]}",
+                    )
+            records.append(item)
+            positions.append(None)
+        elif isinstance(item, list) and base in ("inputs", "instances"):
+            if len(item) != len(names):
+                raise RequestError(
+                    422,
+                    f"{base}[{i}]",
+                    f"{base}[{i}]: {len(item)} values, but {served.name} v{served.version} takes {len(names)}"
+                    f" columns, in this order: {names[:30]}",
+                )
+            records.append(dict(zip(names, item)))
+            positions.append(names)
+        else:
+            what = "an object keyed by column" + (", or a list of values in column order" if base != "records" else "")
+            raise RequestError(422, f"{base}[{i}]", f"{base}[{i}]: not a record: send {what}")
+    return TableInput(base, records, positions)
+
+
+def _split_input(split: Any, served: ServedModel) -> TableInput:
+    """`dataframe_split` of a table: named columns (each of the model's, once, in any order)."""
+    schema = served.schema
+    assert schema is not None
+    names = list(schema.names)
+    columns = split.columns
+    for j, name in enumerate(columns):
+        if not isinstance(name, str):
+            raise RequestError(
+                422, f"dataframe_split.columns[{j}]", f"dataframe_split.columns[{j}]: a table's columns are named"
+            )
+        if name not in schema.names:
+            raise RequestError(
+                422,
+                f"dataframe_split.columns[{j}]",
+                f"dataframe_split.columns[{j}]: unknown column {name!r}{close_matches(name, names)}; {served.name}"
+                f" v{served.version} takes {names[:30]}",
+            )
+    if len(set(columns)) != len(columns):
+        raise RequestError(422, "dataframe_split.columns", "dataframe_split.columns: a column is named twice")
+    missing = [n for n in names if n not in columns]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise RequestError(
-            422, "body", f"body: give exactly one of inputs, instances, dataframe_split (MLflow's format), got {why}"
+            422,
+            "dataframe_split.columns",
+            f"dataframe_split.columns: column {missing[0]!r} is missing{more}; send null for a missing value",
         )
-    if given[0] != "dataframe_split":
-        return getattr(req, given[0]), given[0]
+    for i, row in enumerate(split.data):
+        if len(row) != len(columns):
+            raise RequestError(
+                422,
+                f"dataframe_split.data[{i}]",
+                f"dataframe_split.data[{i}]: {len(row)} values for {len(columns)} columns",
+            )
+    records = [dict(zip(columns, row)) for row in split.data]
+    return TableInput("dataframe_split.data", records, [list(columns)] * len(records))
+
+
+def _encode_table(given: TableInput, served: ServedModel) -> np.ndarray:
+    """Check every value against its column's kind, then encode (`schema.encode`, strict): the
+    encoded float32 rows the model scores, the slicer cuts and the shadow teacher reads."""
+    import pandas as pd
+
+    schema = served.schema
+    assert schema is not None
+    kinds = [(c.name, c.kind) for c in schema.columns]
+    for i, record in enumerate(given.records):
+        for name, kind in kinds:
+            why = _value_problem(record[name], kind)
+            if why is not None:
+                field = given.field(i, name)
+                raise RequestError(422, field, f"{field}: column {name!r} is {kind}: {why}")
+    frame = pd.DataFrame.from_records(given.records, columns=list(schema.names))
+    try:
+        return schema.encode(frame, where=given.base, strict=True)
+    except ConfigError as exc:  # the encoding's own refusal: name the record and column it names
+        text = str(exc)
+        column = next((n for n in schema.names if f"column {n!r}" in text), None)
+        row = re.search(r"\brow (\d+)", text)
+        if column is None or row is None:
+            raise RequestError(422, given.base, text) from None
+        field = given.field(int(row.group(1)), column)
+        raise RequestError(422, field, f"{field}: {text.removeprefix(given.base + ': ')}") from None
+
+
+async def _table_rows(given: TableInput, served: ServedModel) -> np.ndarray:
+    """`_encode_table`, beside the loop for a large batch (pandas and the per-value checks)."""
+    if len(given.records) * max(1, served.n_features) >= OFFLOAD_VALUES:
+        return await asyncio.to_thread(_encode_table, given, served)
+    return _encode_table(given, served)
+
+
+def _predict_input(req: Any, served: ServedModel) -> tuple[str, Any]:
+    """Which of `rows` / `records` a /predict body gives, checked against the served version:
+    a table model takes records, any other rows; exactly one of the two."""
+    sent = [k for k in ("rows", "records") if k in req.model_fields_set]
+    wanted = "records" if served.schema is not None else "rows"
+    if len(sent) > 1:
+        raise RequestError(422, "body", f"body: give rows or records, not both ({served.name} takes {wanted})")
+    if sent and sent[0] != wanted:
+        if wanted == "records":
+            why = (
+                f"{served.name} v{served.version} is a table model: send records, one object per row keyed by"
+                f" column ({list(served.schema.names)[:8]}...); see /model"
+            )
+        else:
+            why = f"{served.name} v{served.version} takes feature rows of {served.n_features} numbers, not records"
+        raise RequestError(422, sent[0], f"{sent[0]}: {why}")
+    value = getattr(req, wanted)
+    if value is None:
+        what = "one object per row, keyed by column" if wanted == "records" else "feature rows"
+        raise RequestError(422, wanted, f"{wanted}: Field required ({what})")
+    return wanted, value
+
+
+INVOCATION_FORMATS = ("inputs", "instances", "dataframe_split", "dataframe_records")
+
+
+def _invocation_format(req: InvocationsRequest) -> str:
+    given = [k for k in INVOCATION_FORMATS if k in req.model_fields_set]
+    if len(given) != 1 or getattr(req, given[0]) is None:
+        why = "none" if not given else " and ".join(given) if len(given) > 1 else f"{given[0]}: null"
+        raise RequestError(
+            422,
+            "body",
+            "body: give exactly one of inputs, instances, dataframe_split, dataframe_records (MLflow's format),"
+            f" got {why}",
+        )
+    return given[0]
+
+
+def _invocation_rows(req: InvocationsRequest, key: str, served: ServedModel) -> tuple[list[list[float]], str]:
+    """The rows of an MLflow scoring request to a model of rows, and the field they came in."""
+    if key in ("inputs", "instances"):
+        return _check(ROWS, getattr(req, key), key), key
+    if key == "dataframe_records":
+        return _records_as_rows(req.dataframe_records, served), key
     split = req.dataframe_split
+    data = _check(ROWS, split.data, "dataframe_split", "data")
     for i, name in enumerate(split.columns):
         if isinstance(name, bool) or not isinstance(name, (str, int)):
             raise RequestError(422, f"dataframe_split.columns[{i}]", f"dataframe_split.columns[{i}]: not a name")
@@ -184,75 +414,192 @@ def _invocation_rows(req: InvocationsRequest, served: ServedModel) -> tuple[list
             f"dataframe_split.columns: {len(split.columns)} columns, but {served.name} v{served.version} takes"
             f" {served.n_features} features",
         )
-    for i, row in enumerate(split.data):
+    for i, row in enumerate(data):
         if len(row) != len(split.columns):
             raise RequestError(
                 422,
                 f"dataframe_split.data[{i}]",
                 f"dataframe_split.data[{i}]: {len(row)} values for {len(split.columns)} columns",
             )
-    return split.data, "dataframe_split.data"
+    return data, "dataframe_split.data"
 
 
-def _request_bodies(n_features: int, n_classes: int) -> dict[str, dict[str, Any]]:
-    """The OpenAPI request bodies, with the served version's row width and class count (the handlers
-    parse the bodies themselves, to bound their size and word their errors)."""
+def _records_as_rows(records: list[dict[str, Any]], served: ServedModel) -> list[list[float]]:
+    """`dataframe_records` to a model of rows: every record the same column names (any names, one
+    per feature), values in the first record's order, numbers only."""
+    keys = list(records[0])
+    if len(keys) != served.n_features:
+        raise RequestError(
+            422,
+            "dataframe_records[0]",
+            f"dataframe_records[0]: {len(keys)} columns, but {served.name} v{served.version} takes"
+            f" {served.n_features} features",
+        )
+    rows = []
+    for i, record in enumerate(records):
+        if record.keys() != set(keys):
+            raise RequestError(
+                422, f"dataframe_records[{i}]", f"dataframe_records[{i}]: not the columns of dataframe_records[0]"
+            )
+        row = []
+        for k in keys:
+            v = record[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise RequestError(
+                    422,
+                    f"dataframe_records[{i}].{k}",
+                    f"dataframe_records[{i}].{k}: not a finite number, got {_shown(v)}",
+                )
+            row.append(v)
+        rows.append(row)
+    return rows
+
+
+def _column_schema(column: Any) -> dict[str, Any]:
+    """A table column's values as the handler takes them (`_value_problem`), null for missing."""
     number = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
-    row = {"type": "array", "items": number, "minItems": n_features, "maxItems": n_features}
-    rows = {"type": "array", "items": row, "minItems": 1}
+    null = {"type": "null"}
+    if column.kind == "numeric":
+        return {"anyOf": [number, null], "description": "numeric (null: missing)"}
+    if column.kind == "boolean":
+        return {"anyOf": [{"type": "boolean"}, null], "description": "boolean (null: missing)"}
+    seen = ", ".join(map(repr, column.categories[:20])) + (", ..." if len(column.categories) > 20 else "")
+    return {
+        "anyOf": [{"type": "string"}, number, {"type": "boolean"}, null],
+        "description": f"categorical (null: missing; a value never seen in training counts as missing): {seen}",
+    }
+
+
+def _request_bodies(n_features: int, n_classes: int, schema: Any = None) -> dict[str, dict[str, Any]]:
+    """The OpenAPI request bodies, with the served version's row width and class count, or for a
+    table model its columns and classes (the handlers parse the bodies themselves, to bound their
+    size and word their errors). Every body the handlers take fits these; they refuse more."""
+    number = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
     names = {
         "type": "object",
         "patternProperties": {SLICE_NAME: {"type": "string", "maxLength": 256}},
         "additionalProperties": False,
     }
-    predict = {
-        "type": "object",
-        "required": ["rows"],
-        "properties": {
-            "rows": rows | {"description": "feature rows (raw values, as in training)"},
-            "slices": {
-                "anyOf": [names, {"type": "array", "items": names}, {"type": "null"}],
-                "description": "labels to cut the traffic by later: one object for the batch, or one per row",
-            },
-        },
-        "additionalProperties": False,
+    slices = {
+        "anyOf": [names, {"type": "array", "items": names}, {"type": "null"}],
+        "description": "labels to cut the traffic by later: one object for the batch, or one per row",
     }
 
-    def one_of(key: str, schema: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "object", "required": [key], "properties": {key: schema}, "additionalProperties": False}
+    def one_of(key: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "object", "required": [key], "properties": {key: body}, "additionalProperties": False}
 
-    column = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
-    split = {
-        "type": "object",
-        "required": ["columns", "data"],
-        "properties": {
-            "columns": {
-                "type": "array",
-                "items": column,
-                "minItems": n_features,
-                "maxItems": n_features,
-                "uniqueItems": True,
+    if schema is None:
+        row = {"type": "array", "items": number, "minItems": n_features, "maxItems": n_features}
+        rows = {"type": "array", "items": row, "minItems": 1}
+        predict = {
+            "type": "object",
+            "required": ["rows"],
+            "properties": {
+                "rows": rows | {"description": "feature rows (raw values, as in training)"},
+                "slices": slices,
             },
-            "data": rows,
-            "index": {"type": "array", "description": "as pandas writes it; not used"},
-        },
-        "additionalProperties": False,
-    }
-    invocations = {"oneOf": [one_of("inputs", rows), one_of("instances", rows), one_of("dataframe_split", split)]}
-    label = {
-        "type": "object",
-        "required": ["prediction_id", "label"],
-        "properties": {
-            "prediction_id": {"type": "string", "minLength": 1, "maxLength": 64},
-            "label": {"type": "integer", "minimum": 0, "maximum": n_classes - 1},
-        },
-        "additionalProperties": False,
-    }
+            "additionalProperties": False,
+        }
+        column = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
+        split = {
+            "type": "object",
+            "required": ["columns", "data"],
+            "properties": {
+                "columns": {
+                    "type": "array",
+                    "items": column,
+                    "minItems": n_features,
+                    "maxItems": n_features,
+                    "uniqueItems": True,
+                },
+                "data": rows,
+                "index": {"type": "array", "description": "as pandas writes it; not used"},
+            },
+            "additionalProperties": False,
+        }
+        record = {
+            "type": "object",
+            "additionalProperties": number,
+            "minProperties": n_features,
+            "maxProperties": n_features,
+            "description": "one number per feature; every record the same names, values in the first one's order",
+        }
+        invocations = {
+            "oneOf": [
+                one_of("inputs", rows),
+                one_of("instances", rows),
+                one_of("dataframe_split", split),
+                one_of("dataframe_records", {"type": "array", "items": record, "minItems": 1}),
+            ]
+        }
+        label: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": n_classes - 1}
+    else:
+        columns = list(schema.columns)
+        value = {"anyOf": [{"type": "string"}, number, {"type": "boolean"}, {"type": "null"}]}
+        record = {
+            "type": "object",
+            "required": [c.name for c in columns],
+            "properties": {c.name: _column_schema(c) for c in columns},
+            "additionalProperties": False,
+            "description": "one row: every column of the model, by name (null: missing)",
+        }
+        records = {"type": "array", "items": record, "minItems": 1}
+        row = {
+            "type": "array",
+            "items": value,
+            "minItems": len(columns),
+            "maxItems": len(columns),
+            "description": "one row as a list: values in the signature's column order (see /model)",
+        }
+        predict = {
+            "type": "object",
+            "required": ["records"],
+            "properties": {"records": records, "slices": slices},
+            "additionalProperties": False,
+        }
+        split = {
+            "type": "object",
+            "required": ["columns", "data"],
+            "properties": {
+                "columns": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "minItems": len(columns),
+                    "maxItems": len(columns),
+                    "uniqueItems": True,
+                },
+                "data": {"type": "array", "items": {"type": "array", "items": value}, "minItems": 1},
+                "index": {"type": "array", "description": "as pandas writes it; not used"},
+            },
+            "additionalProperties": False,
+        }
+        items = {"type": "array", "items": {"anyOf": [record, row]}, "minItems": 1}
+        invocations = {
+            "oneOf": [
+                one_of("inputs", items),
+                one_of("instances", items),
+                one_of("dataframe_split", split),
+                one_of("dataframe_records", records),
+            ]
+        }
+        label = {"enum": list(schema.classes), "description": "the true class, as the user's label"}
     feedback = {
         "type": "object",
         "required": ["labels"],
         "properties": {
-            "labels": {"type": "array", "items": label, "minItems": 1},
+            "labels": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["prediction_id", "label"],
+                    "properties": {
+                        "prediction_id": {"type": "string", "minLength": 1, "maxLength": 64},
+                        "label": label,
+                    },
+                    "additionalProperties": False,
+                },
+                "minItems": 1,
+            },
             "request_id": {
                 "anyOf": [{"type": "string", "pattern": REQUEST_ID_PATTERN}, {"type": "null"}],
                 "description": "idempotency key: a request sent again with the same request_id (and labels)"
@@ -297,10 +644,16 @@ ServerStateDep = Annotated[ServerState, Depends(server_state)]
 
 # -- request-path helpers -------------------------------------------------------------------------
 async def _predict_and_log(
-    state: ServerState, served: ServedModel, x: np.ndarray, slices: list[dict[str, str]], where: str
+    state: ServerState,
+    served: ServedModel,
+    x: np.ndarray,
+    slices: list[dict[str, str]],
+    where: str,
+    records: list[dict[str, Any]] | None = None,
 ) -> tuple[list[str], np.ndarray] | Response:
     """Score `x` and log every row before answering (one place for /predict and /invocations):
-    the prediction ids and probabilities, or the 503 to send when the log refused the rows."""
+    the prediction ids and probabilities, or the 503 to send when the log refused the rows.
+    `records`: a table model's records as sent, which the log keeps in place of the encoded `x`."""
     if x.size >= OFFLOAD_VALUES:  # a large batch runs beside the loop, which keeps answering others
         probs = await asyncio.to_thread(served.predict_proba, x)
     else:
@@ -312,15 +665,54 @@ async def _predict_and_log(
         raise RequestError(422, f"{where}[{i}]", why)
     ids = [new_id() for _ in range(len(x))]
     if state.log is not None:
-        batch = prediction_batch(served.name, served.version, x, probs, slices, ids)
+        batch = prediction_batch(served.name, served.version, x, probs, slices, ids, records=records)
         try:
             await state.log.write_async(predictions, batch)
         except LogError as exc:
             return _json_response({"detail": f"{exc}; the predictions were not served"}, 503)
         if state.shadow is not None:
-            state.shadow.offer(served.teacher_uri, ids, x)
+            state.shadow.offer(served.teacher_uri, ids, x, served.schema)
     state.served_rows += len(ids)
     return ids, probs
+
+
+def _class_indices(items: list[Any], served: ServedModel) -> list[int]:
+    """The class index of each feedback label (what the log stores), checked against the served
+    version: for a table model the user's labels ("Yes", true, 3: `schema.label_index`), of the
+    JSON type of its classes; for any other model a class index, a strict integer 0..n-1."""
+    schema = served.schema
+    if schema is None:
+        n = served.n_classes
+        out = []
+        for i, item in enumerate(items):
+            v = item.label
+            if type(v) is not int or not 0 <= v < n:
+                why = f"{_shown(v)} is not a class (an integer 0..{n - 1})"
+                raise RequestError(422, f"labels[{i}].label", f"labels[{i}].label: {why}")
+            out.append(v)
+        return out
+    classes = list(schema.classes)
+    boolean = all(isinstance(c, bool) for c in classes)
+
+    def refuse(i: int) -> RequestError:
+        why = f"{_shown(items[i].label)} is not one of the model's classes {classes[:20]}"
+        return RequestError(422, f"labels[{i}].label", f"labels[{i}].label: {why}")
+
+    values = [item.label for item in items]
+    for i, v in enumerate(values):
+        # The label's JSON type must be its classes' (true is not 1, "1" is not 1): what the
+        # OpenAPI's enum of the classes says, so a client learns of a mix-up instead of a wrong label.
+        if v is None or isinstance(v, (list, dict)) or isinstance(v, bool) != boolean:
+            raise refuse(i)
+    try:
+        return schema.label_index(values, where="labels").tolist()
+    except ConfigError:
+        for i, v in enumerate(values):
+            try:
+                schema.label_index([v])
+            except ConfigError:
+                raise refuse(i) from None
+        raise
 
 
 def _check_token(request: Request, token: str | None) -> None:
@@ -357,15 +749,22 @@ router = APIRouter()
     responses=_responses(400, 413, 415, 422, 503, ok=PredictResponse, ok_doc="one prediction per row, logged"),
 )
 async def predict(request: Request, state: ServerStateDep) -> Response:
-    """Class, probabilities, prediction id and model version per row; logged before answering."""
+    """Class, probabilities, prediction id and model version per row; logged before answering.
+    A table model takes `records` (objects keyed by column) and answers the user's labels."""
     req = _parse(_PREDICT, await _json_body(request, state.settings.max_body_bytes))
     served = state.current  # one version for the whole request, whatever the watcher does meanwhile
-    x = _features(req.rows, served)
-    out = await _predict_and_log(state, served, x, _row_slices(req.slices, served, x), "rows")
+    key, given = _predict_input(req, served)
+    records = None
+    if key == "records":
+        records = given
+        x = await _table_rows(_records_input(given, "records", served), served)
+    else:
+        x = _features(given, served)
+    out = await _predict_and_log(state, served, x, _row_slices(req.slices, served, x), key, records)
     if isinstance(out, Response):
         return out
     ids, probs = out
-    classes = probs.argmax(axis=1).tolist()
+    classes = served.labels(probs.argmax(axis=1))
     return _json_response(
         {
             "model": {"name": served.name, "version": served.version, "alias": served.alias},
@@ -380,21 +779,43 @@ async def predict(request: Request, state: ServerStateDep) -> Response:
 @router.post(
     "/invocations",
     response_model=None,
-    responses=_responses(400, 413, 415, 422, 503, ok=InvocationsResponse, ok_doc="class probabilities per row, logged"),
+    responses=_responses(
+        400, 413, 415, 422, 503, ok=InvocationsResponse, ok_doc="class, probabilities and prediction id per row, logged"
+    ),
 )
 async def invocations(request: Request, state: ServerStateDep) -> Response:
-    """MLflow's scoring protocol (`mlflow models serve`) over the served version: `inputs`,
-    `instances` or `dataframe_split` rows in, `predictions` (class probabilities, as the
-    scikit-learn flavour's predict_proba) out; every row logged as /predict logs it."""
+    """MLflow's scoring protocol (`mlflow models serve`) over the served version, in its four
+    formats: `inputs` or `instances` (rows; for a table model records, or rows of values in the
+    signature's column order), `dataframe_split` (columns and rows), `dataframe_records` (one
+    object per row). Out: per row the class (a table's label), the probabilities and the
+    prediction id; every row logged as /predict logs it."""
     req = _parse(_INVOCATIONS, await _json_body(request, state.settings.max_body_bytes))
     served = state.current
-    rows, where = _invocation_rows(req, served)
-    x = _features(rows, served, where)
-    out = await _predict_and_log(state, served, x, _row_slices(None, served, x), where)
+    key = _invocation_format(req)
+    records = None
+    if served.schema is not None:
+        if key == "dataframe_split":
+            given = _split_input(req.dataframe_split, served)
+        else:
+            given = _records_input(getattr(req, key), key, served)
+        x = await _table_rows(given, served)
+        records, where = given.records, given.base
+    else:
+        rows, where = _invocation_rows(req, key, served)
+        x = _features(rows, served, where)
+    out = await _predict_and_log(state, served, x, _row_slices(None, served, x), where, records)
     if isinstance(out, Response):
         return out
     ids, probs = out
-    return _json_response({"predictions": probs, "prediction_ids": ids})
+    classes = served.labels(probs.argmax(axis=1))
+    return _json_response(
+        {
+            "predictions": [
+                {"class": classes[i], "probabilities": probs[i], "prediction_id": ids[i]} for i in range(len(ids))
+            ],
+            "prediction_ids": ids,
+        }
+    )
 
 
 @router.post(
@@ -413,16 +834,10 @@ async def post_feedback(request: Request, state: ServerStateDep) -> Response:
     if state.log is None:
         raise RequestError(409, "labels", "labels: the prediction log is off (--no-log), so no prediction can be found")
     plog = state.log
-    labels = [(x.prediction_id, x.label) for x in req.labels]
+    labels = list(zip([x.prediction_id for x in req.labels], _class_indices(req.labels, state.current)))
     digest = request_digest(labels)
     if req.request_id is not None and (answer := await _replay(plog, req.request_id, digest)) is not None:
         return answer
-    n_classes = state.current.n_classes
-    for i, item in enumerate(req.labels):
-        if item.label >= n_classes:
-            raise RequestError(
-                422, f"labels[{i}].label", f"labels[{i}].label: {item.label} is not a class (0..{n_classes - 1})"
-            )
     missing = await asyncio.to_thread(plog.missing, [pid for pid, _ in labels])
     if missing:
         exc = UnknownPredictions(missing)
@@ -526,16 +941,21 @@ async def _client_error(_request: Request, exc: RequestError) -> Response:
 
 def _served_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """`app.openapi` for a server: FastAPI's document, with the request bodies of the version being
-    served (rebuilt when the alias watcher swaps in a version of another width or class count)."""
+    served (rebuilt when the alias watcher swaps in a version of another width, class count or
+    table schema)."""
     base_openapi = app.openapi
-    documents: dict[tuple[int, int], dict[str, Any]] = {}
+    documents: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def openapi() -> dict[str, Any]:
         current = app.state.kd_ops.current
-        key = (current.n_features, current.n_classes)
+        table = getattr(current, "schema", None)
+        columns = (
+            None if table is None else (tuple((c.name, c.kind, c.categories) for c in table.columns), table.classes)
+        )
+        key = (current.n_features, current.n_classes, columns)
         if key not in documents:
             doc = copy.deepcopy(base_openapi())
-            for path, schema in _request_bodies(*key).items():
+            for path, schema in _request_bodies(current.n_features, current.n_classes, table).items():
                 body = {"required": True, "content": {"application/json": {"schema": schema}}}
                 doc["paths"][path]["post"]["requestBody"] = body
             documents.clear()

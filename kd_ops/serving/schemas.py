@@ -21,39 +21,52 @@ SliceName = Annotated[str, StringConstraints(pattern=SLICE_NAME)]
 SliceValue = Annotated[str, StringConstraints(max_length=256)]
 Slices = dict[SliceName, SliceValue]
 Rows = Annotated[list[list[Finite]], Field(min_length=1)]
+# A table's records: JSON objects, one per row, values as the user's columns hold them. Parsed as
+# any JSON here and checked per value by the handler against the served version's schema (the
+# kinds are the version's, not the request model's), so every message names record and column.
+Records = Annotated[list[dict[str, Any]], Field(min_length=1)]
+Loose = Annotated[list[Any], Field(min_length=1)]  # rows or records: which depends on the served version
 
 
 class PredictRequest(BaseModel):
-    """`rows`: feature rows (raw values, as in training). `slices`: optional labels to cut the
+    """`rows`: feature rows (raw values, as in training) for a model of images or plain features;
+    `records`: for a table model, one JSON object per row keyed by the original column names
+    (null for a missing value). Exactly one of the two. `slices`: optional labels to cut the
     traffic by later (one dict for the whole batch, or one per row), e.g. {"site": "berlin"}."""
 
     model_config = ConfigDict(extra="forbid")
-    rows: Rows
+    rows: Rows | None = None
+    records: Records | None = None
     slices: Slices | list[Slices] | None = None
 
 
 class DataframeSplit(BaseModel):
-    """pandas' `to_dict(orient="split")`: column names (one per feature, in the model's order), rows."""
+    """pandas' `to_dict(orient="split")`: column names, then rows of values in that order."""
 
     model_config = ConfigDict(extra="forbid")
     columns: Annotated[list[Any], Field(min_length=1)]  # names (strings or integers), checked by the handler
-    data: Rows
+    data: Annotated[list[list[Any]], Field(min_length=1)]  # numbers for rows, typed values for a table
     index: list[Any] | None = None  # pandas writes one; not used
 
 
 class InvocationsRequest(BaseModel):
-    """MLflow's scoring protocol (`mlflow models serve`): exactly one of the three."""
+    """MLflow's scoring protocol (`mlflow models serve`): exactly one of the four. Values are
+    checked by the handler, against the served version (numbers for rows, typed columns for a table)."""
 
     model_config = ConfigDict(extra="forbid")
-    inputs: Rows | None = None
-    instances: Rows | None = None
+    inputs: Loose | None = None
+    instances: Loose | None = None
     dataframe_split: DataframeSplit | None = None
+    dataframe_records: Records | None = None
 
 
 class Label(BaseModel):
+    """`label`: a class index (0..classes-1) for a model of rows; the user's own label ("Yes",
+    true, 3) for a table model. Checked by the handler against the served version's classes."""
+
     model_config = ConfigDict(extra="forbid")
     prediction_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    label: Annotated[int, Strict(), Field(ge=0)]
+    label: Any
 
 
 class FeedbackRequest(BaseModel):
@@ -91,11 +104,16 @@ class ModelRef(BaseModel):
     alias: str
 
 
+ClassLabel = int | bool | str | float  # a table's classes are the user's labels; a model of rows answers indices
+
+
 class RowPrediction(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     id: str = Field(description="prediction id: send it back with the true label to /feedback")
-    class_: int = Field(alias="class")
-    probabilities: list[float]
+    class_: ClassLabel = Field(
+        alias="class", description="the class index; for a table model the user's label (as /model's classes)"
+    )
+    probabilities: list[float] = Field(description="one per class, in the order of /model's classes")
     model_version: str
 
 
@@ -104,8 +122,16 @@ class PredictResponse(BaseModel):
     predictions: list[RowPrediction]
 
 
+class InvocationPrediction(BaseModel):
+    class_: ClassLabel = Field(
+        alias="class", description="the class index; for a table model the user's label (as /model's classes)"
+    )
+    probabilities: list[float] = Field(description="one per class, in the order of /model's classes")
+    prediction_id: str = Field(description="send it back with the true label to /feedback")
+
+
 class InvocationsResponse(BaseModel):
-    predictions: list[list[float]] = Field(description="class probabilities per row, as predict_proba")
+    predictions: list[InvocationPrediction] = Field(description="per row: class, probabilities, prediction id")
     prediction_ids: list[str] = Field(description="kd-ops: the prediction id of each row, for /feedback")
 
 
@@ -140,6 +166,11 @@ class Health(BaseModel):
     shadow: dict[str, Any] | None
 
 
+class ColumnInfo(BaseModel):
+    name: str
+    kind: Literal["numeric", "categorical", "boolean"]
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -147,8 +178,15 @@ class ModelInfo(BaseModel):
     uri: str
     run_id: str | None
     source: str | None
+    input: Literal["rows", "records"] = Field(
+        description="what /predict takes: feature rows, or (a table model) records keyed by column"
+    )
     n_features: int
     n_classes: int
+    classes: list[ClassLabel] = Field(
+        description="the classes in the order of every `probabilities` list: indices 0..n-1, or a table's labels"
+    )
+    columns: list[ColumnInfo] | None = Field(description="a table model's columns, in order (else null)")
     slices: list[str]
     loaded_at: str
     lineage: dict[str, str]
@@ -181,30 +219,48 @@ def _field(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+def _refusal(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> RequestError:
+    """A pydantic error as the 422 every refusal is: fields as `rows[3][7]` (under `prefix`), one
+    message per field, the first one in `detail` with a count of the rest."""
+    raw = exc.errors(include_url=False)
+
+    def union_branch(e: dict) -> bool:
+        # `slices` (one dict, or a list of dicts) reports a type error for the branch not taken,
+        # located at the branch's tag ("list[...]"); errors inside the taken branch are kept.
+        last = e["loc"][-1] if e["loc"] else None
+        return e["type"] in ("list_type", "dict_type") and isinstance(last, str) and "[" in last
+
+    if len(raw) > 1:
+        raw = [e for e in raw if not union_branch(e)] or raw
+    errors = []
+    for err in raw:
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("dict", "list"))))
+        got = err.get("input")
+        shown = f", got {got!r}" if isinstance(got, (str, int, float, bool)) and len(repr(got)) <= 40 else ""
+        errors.append({"field": _field((*prefix, *loc)), "message": err["msg"] + shown})
+    errors = list({(e["field"], e["message"]): e for e in errors}.values())
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return RequestError(422, first["field"], f"{first['field']}: {first['message']}{more}", errors)
+
+
 def _parse(adapter: TypeAdapter, body: bytes) -> Any:
     try:
         return adapter.validate_json(body)
     except ValidationError as exc:
-        raw = exc.errors(include_url=False)
+        raise _refusal(exc) from None
 
-        def union_branch(e: dict) -> bool:
-            # `slices` (one dict, or a list of dicts) reports a type error for the branch not taken,
-            # located at the branch's tag ("list[...]"); errors inside the taken branch are kept.
-            last = e["loc"][-1] if e["loc"] else None
-            return e["type"] in ("list_type", "dict_type") and isinstance(last, str) and "[" in last
 
-        if len(raw) > 1:
-            raw = [e for e in raw if not union_branch(e)] or raw
-        errors = []
-        for err in raw:
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("dict", "list"))))
-            got = err.get("input")
-            shown = f", got {got!r}" if isinstance(got, (str, int, float, bool)) and len(repr(got)) <= 40 else ""
-            errors.append({"field": _field(loc), "message": err["msg"] + shown})
-        errors = list({(e["field"], e["message"]): e for e in errors}.values())
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise RequestError(422, first["field"], f"{first['field']}: {first['message']}{more}", errors) from None
+def _check(adapter: TypeAdapter, value: Any, *prefix: Any) -> Any:
+    """`value` (already parsed from JSON) validated by `adapter`; errors located under `prefix`:
+    the second stage of a body whose shape depends on the served version (rows or records)."""
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        raise _refusal(exc, prefix) from None
+
+
+ROWS = TypeAdapter(Rows)
 
 
 def _json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

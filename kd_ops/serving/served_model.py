@@ -2,6 +2,11 @@
 
 A served version is immutable: the server swaps the whole object when the alias moves, so a
 request that picked up version 3 finishes on version 3 and is logged as version 3.
+
+Two kinds of version are served. A model of rows (images, plain features) takes float32 rows of
+its width and answers class indices. A kd-ops table model (`TableModel`) carries its
+`TableSchema`: clients send records keyed by the original columns, the server encodes them
+(`schema.encode`) and scores the encoded rows (`encoded_proba`), and answers the user's labels.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch
 from torch import nn
 
 from kd_ops.core.errors import ConfigError, first_line
-from kd_ops.data.slicing import SLICES_ARTIFACT, InputSlices
+from kd_ops.data.slicing import SLICES_ARTIFACT, Slicer, slicer_from_dict
+from kd_ops.data.tables import TableSchema
 from kd_ops.prediction_log.store import utcnow
 from kd_ops.registry.tracking import TAG_TEACHER_URI
 
@@ -25,7 +31,12 @@ Proba = Callable[[np.ndarray], np.ndarray]
 
 
 def probability_fn(model: Any) -> Proba:
-    """float32 rows -> float32 class probabilities, for a torch network or a scikit-learn estimator."""
+    """float32 rows -> float32 class probabilities, for a torch network, a scikit-learn estimator,
+    or a kd-ops table model (over its encoded rows: the server encodes each request once)."""
+    from kd_ops.models.table_model import TableModel
+
+    if isinstance(model, TableModel):
+        return lambda x: np.ascontiguousarray(model.encoded_proba(x), dtype=np.float32)
     if isinstance(model, nn.Module):
 
         def torch_proba(x: np.ndarray) -> np.ndarray:
@@ -46,6 +57,13 @@ def load_probability_fn(uri: str, allow_pickle: bool = False) -> Proba:
     return probability_fn(load_model(uri, allow_pickle=allow_pickle))
 
 
+def table_schema(model: Any) -> TableSchema | None:
+    """The schema of a kd-ops table model; None for a model of rows."""
+    from kd_ops.models.table_model import TableModel
+
+    return model.schema if isinstance(model, TableModel) else None
+
+
 @dataclass(frozen=True)
 class ServedModel:
     name: str
@@ -57,7 +75,9 @@ class ServedModel:
     n_features: int
     n_classes: int
     predict_proba: Proba = field(repr=False)
-    slicer: InputSlices | None = None
+    slicer: Slicer | None = None
+    # A table model's columns and classes: requests send records, answers carry the user's labels.
+    schema: TableSchema | None = field(default=None, repr=False)
     loaded_at: str = field(default_factory=lambda: utcnow().isoformat(timespec="seconds") + "Z")
 
     @property
@@ -68,7 +88,21 @@ class ServedModel:
     def teacher_uri(self) -> str | None:
         return self.lineage.get(TAG_TEACHER_URI)
 
+    @property
+    def classes(self) -> list[Any]:
+        """What each column of the probabilities stands for: a table's labels, else 0..n-1."""
+        return list(self.schema.classes) if self.schema is not None else list(range(self.n_classes))
+
+    def labels(self, index: np.ndarray) -> list[Any]:
+        """Class indices as the answer names them (the user's labels for a table model)."""
+        index = np.asarray(index).tolist()
+        if self.schema is None:
+            return index
+        classes = self.schema.classes
+        return [classes[i] for i in index]
+
     def describe(self) -> dict[str, Any]:
+        columns = None if self.schema is None else [{"name": c.name, "kind": c.kind} for c in self.schema.columns]
         return {
             "name": self.name,
             "version": self.version,
@@ -76,8 +110,11 @@ class ServedModel:
             "uri": self.uri,
             "run_id": self.run_id,
             "source": self.source,
+            "input": "rows" if self.schema is None else "records",
             "n_features": self.n_features,
             "n_classes": self.n_classes,
+            "classes": self.classes,
+            "columns": columns,
             "slices": list(self.slicer.names) if self.slicer else [],
             "loaded_at": self.loaded_at,
             "lineage": self.lineage,
@@ -108,7 +145,7 @@ def _feature_count(uri: str) -> int | None:
     return len(inputs)  # one column per feature
 
 
-def _slicer(client: Any, run_id: str | None) -> InputSlices | None:
+def _slicer(client: Any, run_id: str | None) -> Slicer | None:
     if not run_id:
         return None
     try:
@@ -116,7 +153,7 @@ def _slicer(client: Any, run_id: str | None) -> InputSlices | None:
 
         path = client.download_artifacts(run_id, SLICES_ARTIFACT)
         with open(path) as fh:
-            return InputSlices.from_dict(json.load(fh))
+            return slicer_from_dict(json.load(fh))
     except Exception as exc:  # noqa: BLE001 - students from before kd-ops 0.1 carry none: serve without
         log.warning("no %s in run %s (%s): predictions are logged without derived slices", SLICES_ARTIFACT, run_id, exc)
         return None
@@ -126,23 +163,36 @@ def load_version(client: Any, name: str, version: str, alias: str, allow_pickle:
     """Load version `version` of `name`, probe it with one row, and read what the server needs.
 
     `allow_pickle`: consent to load a version whose file runs code when loaded (see kd_ops.models.loading)."""
+    from kd_ops.models.loading import load_model
+
     uri = f"models:/{name}/{version}"
     try:
         mv = client.get_model_version(name, version)
-        n_features = _feature_count(uri)
-        predict_proba = load_probability_fn(uri, allow_pickle=allow_pickle)
+        model = load_model(uri, allow_pickle=allow_pickle)
+        schema = table_schema(model)
+        # A table model's width is its schema's; a model of rows names its width in the signature.
+        n_features = len(schema.columns) if schema is not None else _feature_count(uri)
+        predict_proba = probability_fn(model)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - MLflow, torch and skops raise many types
         raise ConfigError(f"{uri}: cannot load it for serving: {first_line(exc)}") from None
     if n_features is None:
         raise ConfigError(f"{uri}: the model has no input signature, so the feature count is unknown")
+    # A table's probe is a record with every value missing: valid for every column kind (NaN is
+    # how the encoding says "missing"), where zeros could name a category index out of range.
+    probe = np.full((1, n_features), np.nan if schema is not None else 0.0, dtype=np.float32)
     try:
-        out = predict_proba(np.zeros((1, n_features), dtype=np.float32))
+        out = predict_proba(probe)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"{uri}: the model fails on a row of {n_features} features: {first_line(exc)}") from None
     if out.ndim != 2 or out.shape[0] != 1:
         raise ConfigError(f"{uri}: the model outputs shape {tuple(out.shape)} for one row, expected (1, classes)")
+    if schema is not None and out.shape[1] != len(schema.classes):
+        raise ConfigError(
+            f"{uri}: the model outputs {out.shape[1]} probabilities, but its schema names {len(schema.classes)}"
+            f" classes {list(schema.classes)[:20]}"
+        )
     return ServedModel(
         name=name,
         version=str(mv.version),
@@ -154,4 +204,5 @@ def load_version(client: Any, name: str, version: str, alias: str, allow_pickle:
         n_classes=int(out.shape[1]),
         predict_proba=predict_proba,
         slicer=_slicer(client, mv.run_id),
+        schema=schema,
     )

@@ -105,6 +105,9 @@ class ServerState:
             self.shadow = ShadowScorer(
                 s.shadow_fraction, self.log, s.teacher_uri, seed=s.seed, allow_pickle=s.allow_pickle
             )
+            uri = s.teacher_uri or self.current.teacher_uri
+            if uri:
+                self.shadow.unloadable(uri)  # a teacher given as an object: say so at start, not at the first request
 
     async def aclose(self) -> None:
         """Shadow first (it writes to the log), then the log: everything queued is committed."""

@@ -500,7 +500,8 @@ def test_health_is_degraded_while_commits_fail_and_ok_after(registry, tmp_path):
 def test_invocations_speaks_mlflows_scoring_protocol_and_logs_like_predict(server, registry):
     x = registry["x"][:5]
     rows = x.tolist()
-    expected = np.array([p["probabilities"] for p in server.predict(x).json()["predictions"]])
+    answered = server.predict(x).json()["predictions"]
+    expected = np.array([p["probabilities"] for p in answered])
     before = server.count()
     columns = [f"f{i}" for i in range(x.shape[1])]
     bodies = [
@@ -508,18 +509,22 @@ def test_invocations_speaks_mlflows_scoring_protocol_and_logs_like_predict(serve
         {"instances": rows},
         {"dataframe_split": {"columns": columns, "data": rows}},
         {"dataframe_split": {"columns": list(range(x.shape[1])), "data": rows, "index": [0, 1, 2, 3, 4]}},
+        {"dataframe_records": [dict(zip(columns, row)) for row in rows]},
     ]
     ids = []
     for body in bodies:
         r = requests.post(f"{server.url}/invocations", json=body, timeout=30)
         assert r.status_code == 200, r.text
-        np.testing.assert_allclose(np.array(r.json()["predictions"]), expected, rtol=1e-6)
-        assert len(r.json()["prediction_ids"]) == 5
+        preds = r.json()["predictions"]  # per row: class, probabilities, prediction id (as /predict answers)
+        np.testing.assert_allclose(np.array([p["probabilities"] for p in preds]), expected, rtol=1e-6)
+        assert [p["class"] for p in preds] == [p["class"] for p in answered]
+        assert r.json()["prediction_ids"] == [p["prediction_id"] for p in preds] and len(preds) == 5
         ids += r.json()["prediction_ids"]
+    n = len(bodies)
     frame = read_predictions(server.store, ids=ids)
-    assert sorted(frame["id"]) == sorted(ids) and server.count() == before + 20
-    np.testing.assert_allclose(np.stack(frame["probabilities"]), np.tile(expected, (4, 1)), rtol=1e-5)
-    np.testing.assert_allclose(np.stack(frame["inputs"]), np.tile(x, (4, 1)), rtol=1e-6)
+    assert sorted(frame["id"]) == sorted(ids) and server.count() == before + 5 * n
+    np.testing.assert_allclose(np.stack(frame["probabilities"]), np.tile(expected, (n, 1)), rtol=1e-5)
+    np.testing.assert_allclose(np.stack(frame["inputs"]), np.tile(x, (n, 1)), rtol=1e-6)
     assert set(frame["slice_ink"]) <= {"low", "mid", "high"}  # the server's own slices, as /predict logs them
 
     row = rows[0]
@@ -532,11 +537,18 @@ def test_invocations_speaks_mlflows_scoring_protocol_and_logs_like_predict(serve
         ({"inputs": [row], "instances": [row]}, "body"),
         ({}, "body"),
         ({"inputs": [row], "params": {}}, "params"),
+        ({"inputs": None, "instances": [row]}, "body"),
+        ({"dataframe_records": [dict(zip(columns[:-1], row))]}, "dataframe_records[0]"),
+        ({"dataframe_records": [dict(zip(columns, row)), {"a": 1}]}, "dataframe_records[1]"),
+        ({"dataframe_records": [{**dict(zip(columns, row)), "f3": "x"}]}, "dataframe_records[0].f3"),
+        ({"records": [dict(zip(columns, row))]}, "records"),
     ]
     for body, field in bad:
         r = requests.post(f"{server.url}/invocations", json=body, timeout=30)
         assert r.status_code == 422 and r.json()["field"] == field, (field, r.text)
-    assert server.count() == before + 20
+    r = requests.post(f"{server.url}/predict", json={"records": [dict(zip(columns, row))]}, timeout=30)  # rows only
+    assert r.status_code == 422 and r.json()["field"] == "records" and "not records" in r.json()["detail"], r.text
+    assert server.count() == before + 5 * n
 
 
 def test_add_feedback_from_a_thread_takes_a_request_id_too(tmp_path):

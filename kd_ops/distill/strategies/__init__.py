@@ -3,7 +3,8 @@
 `distill.method` names a strategy (`mutual`, `born_again`, `sklearn`, `none`) or a loss (`kd`,
 `dkd`, `hint`, ...), which is the plain `loss_terms` strategy with that loss. `strategy_for`
 answers both; the pipeline asks it and branches on no name. Register your own with
-`@register_strategy("name")` on a `Strategy` subclass (see `kd_ops.distill.strategies.strategy`).
+`@register_strategy("name")` on a `Strategy` subclass (see `kd_ops.distill.strategies.strategy`),
+or from an installed package through the entry-point group `kd_ops.strategies` (`kd_ops.core.plugins`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,20 @@ def method_names() -> list[str]:
 
 
 def strategy_class(method: str) -> type[Strategy]:
-    """The strategy behind `distill.method: method`; `UnknownComponentError` listing every name."""
+    """The strategy behind `distill.method: method`; `UnknownComponentError` listing every name.
+
+    Built-ins are answered without loading plugins; then the `kd_ops.strategies` and
+    `kd_ops.losses` entry points are tried (a refused plugin raises `PluginError`)."""
+    if STRATEGIES.holds(method):
+        return STRATEGIES.get(method)
+    if LOSSES.holds(method):
+        return LossTerms
     if method in STRATEGIES:
         return STRATEGIES.get(method)
     if method in LOSSES:
         return LossTerms
-    raise UnknownComponentError("method", method, method_names())
+    refused = [*STRATEGIES.plugin_errors.values(), *LOSSES.plugin_errors.values()]
+    raise UnknownComponentError("method", method, method_names(), refused)
 
 
 def strategy_for(method_cfg) -> Strategy:

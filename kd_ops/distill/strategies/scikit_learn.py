@@ -58,5 +58,6 @@ class ScikitLearn(Strategy):
         from kd_ops.models.sklearn_students import distill_to_sklearn
 
         t0 = time.perf_counter()
-        model = distill_to_sklearn(self.params, self.cfg.temperature, teacher, trainer.dm, trainer.cfg.seed)
+        own = getattr(trainer, "student_estimator", None)  # the user's estimator, through the Python API
+        model = distill_to_sklearn(self.params, self.cfg.temperature, teacher, trainer.dm, trainer.cfg.seed, own)
         return model, time.perf_counter() - t0
