@@ -58,6 +58,29 @@ def churn_raw(tracking_uri: str, root, name: str, experiment: str, **sections) -
     return raw
 
 
+def client_records(frame) -> list[dict]:
+    """A table's rows as a client sends them: JSON values, null for a missing one."""
+    import pandas as pd
+
+    return [
+        {k: None if pd.isna(v) else (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        for row in frame.to_dict("records")
+    ]
+
+
+def table_log_rows(name: str, version: str, frame, probs, slices: list[dict] | None = None) -> list[dict]:
+    """The log rows the server writes for a table model's answers to `frame` (its raw records,
+    one request), through the server's own `prediction_batch` and `prediction_rows`."""
+    import numpy as np
+
+    from kd_ops.prediction_log.protocol import prediction_batch, prediction_rows
+
+    records = client_records(frame)
+    cut = slices if slices is not None else [{} for _ in records]
+    x = np.zeros((len(records), 0), dtype=np.float32)  # not logged: the records are
+    return prediction_rows(prediction_batch(name, version, x, np.asarray(probs), cut, records=records))
+
+
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"

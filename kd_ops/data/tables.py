@@ -38,7 +38,6 @@ import pandas as pd
 from kd_ops.core.errors import ConfigError
 
 Kind = Literal["numeric", "categorical", "boolean"]
-KINDS = ("numeric", "categorical", "boolean")
 SCHEMA_VERSION = 1
 MAX_CATEGORIES = 1000
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
@@ -245,10 +244,6 @@ class TableSchema:
                 data[col.name] = pd.Categorical.from_codes(codes, categories=list(col.categories))
         return pd.DataFrame(data)
 
-    def records_frame(self, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
-        """Client records (JSON objects) as a frame, columns in the model's order where present."""
-        frame = pd.DataFrame.from_records(list(records))
-        return frame
 
 
 def _key(value: Any) -> Any:

@@ -147,9 +147,8 @@ def fit_hist_gradient_boosting(p: HistGradientBoostingParams, x, y, x_val, y_val
         n_iter_no_change=30,
         random_state=seed,
     )
-    # HistGradientBoosting's early stopping scores a held-out share of the *training* rows when
-    # validation_fraction is None is not allowed together with early_stopping; use sklearn's own
-    # X_val/y_val (scikit-learn >= 1.8) so it stops on the val split like the others.
+    # Stops on the val split like the other boosted teachers (scikit-learn's X_val / y_val), not
+    # on a share held out of the training rows.
     model.fit(x, y, X_val=x_val, y_val=y_val)
     return model
 

@@ -190,9 +190,13 @@ def load_model(uri: str, allow_pickle: bool = False) -> Any:
 
     Pickle-free unless `allow_pickle` (see the module docstring): a model whose loading would run
     code stored in it is a `ConfigError` naming the model and the opt-in."""
+    return _load_local(_local_copy(uri), uri, allow_pickle)
+
+
+def _load_local(local: Path, uri: str, allow_pickle: bool) -> Any:
+    """`load_model` of a model already downloaded to `local`."""
     from kd_ops.models.table_flavor import is_table_model, read_model_folder
 
-    local = _local_copy(uri)
     flavors = _flavors(local)
     table = is_table_model(local)
     if table is not None:
@@ -267,11 +271,11 @@ def load_for_data(uri: str, dm: Any, key: str, torch_only: bool = False, allow_p
     table = getattr(dm, "schema", None) is not None
     try:
         if table:
-            local = _local_copy(uri)
+            local = _local_copy(uri)  # once: the flavour decides how it loads
             if "pytorch" in _flavors(local) and torch_only:
                 model = _load_torch_local(local, uri, module_tree=True, allow_pickle=allow_pickle)
             else:
-                model = load_model(uri, allow_pickle=allow_pickle)
+                model = _load_local(local, uri, allow_pickle)
             model = for_table(model, dm, key, uri)
         elif torch_only:
             model = load_torch_model(uri, module_tree=True, allow_pickle=allow_pickle)

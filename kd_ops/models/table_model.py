@@ -10,7 +10,7 @@ the server and the pipeline, which hold encoded rows already.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +55,3 @@ class TableModel:
     def predict(self, data: Any) -> np.ndarray:
         classes = np.asarray(self.schema.classes, dtype=object)
         return classes[self.predict_proba(data).argmax(1)]
-
-    def labels(self, index: Sequence[int]) -> list[Any]:
-        return [self.schema.classes[i] for i in index]

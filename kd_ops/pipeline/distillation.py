@@ -459,7 +459,7 @@ def run_distillation(
     cfg = inputs.table_defaults(cfg, dm)
     if student is not None:
         student = inputs.student_object(student, dm, cfg.seed + 1)
-        if inputs._is_estimator(student) and cfg.distill.method != "sklearn":
+        if inputs.is_estimator(student) and cfg.distill.method != "sklearn":
             cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"method": "sklearn"})})
     _check_teacher_kinds(cfg, teacher)
     # Teacher URIs that do not resolve or do not fit the data fail before any run exists; so does

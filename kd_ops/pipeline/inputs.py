@@ -31,7 +31,7 @@ def describe(obj: Any) -> str:
     return f"object:{cls.__module__}.{cls.__qualname__}"
 
 
-def _is_estimator(obj: Any) -> bool:
+def is_estimator(obj: Any) -> bool:
     return hasattr(obj, "predict_proba") and hasattr(obj, "fit") and not isinstance(obj, nn.Module)
 
 
@@ -163,7 +163,7 @@ def student_object(obj: Any, dm: DistillDataModule, seed: int = 0) -> Any:
     scaling, missing values, category embeddings), so it receives dense features; its first layer
     can be `nn.LazyLinear`, which sizes itself on the first batch. The registered model is then
     the whole (input layer + network), taking raw records like any table student."""
-    if _is_estimator(obj):
+    if is_estimator(obj):
         return obj
     if not isinstance(obj, nn.Module):
         raise ConfigError(

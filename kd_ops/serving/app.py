@@ -470,6 +470,20 @@ def _column_schema(column: Any) -> dict[str, Any]:
     }
 
 
+def _split_schema(column: dict[str, Any], width: int, data: dict[str, Any]) -> dict[str, Any]:
+    """MLflow's `dataframe_split` body: `width` distinct column names of schema `column`, and rows."""
+    return {
+        "type": "object",
+        "required": ["columns", "data"],
+        "properties": {
+            "columns": {"type": "array", "items": column, "minItems": width, "maxItems": width, "uniqueItems": True},
+            "data": data,
+            "index": {"type": "array", "description": "as pandas writes it; not used"},
+        },
+        "additionalProperties": False,
+    }
+
+
 def _request_bodies(n_features: int, n_classes: int, schema: Any = None) -> dict[str, dict[str, Any]]:
     """The OpenAPI request bodies, with the served version's row width and class count, or for a
     table model its columns and classes (the handlers parse the bodies themselves, to bound their
@@ -500,23 +514,7 @@ def _request_bodies(n_features: int, n_classes: int, schema: Any = None) -> dict
             },
             "additionalProperties": False,
         }
-        column = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
-        split = {
-            "type": "object",
-            "required": ["columns", "data"],
-            "properties": {
-                "columns": {
-                    "type": "array",
-                    "items": column,
-                    "minItems": n_features,
-                    "maxItems": n_features,
-                    "uniqueItems": True,
-                },
-                "data": rows,
-                "index": {"type": "array", "description": "as pandas writes it; not used"},
-            },
-            "additionalProperties": False,
-        }
+        split = _split_schema({"anyOf": [{"type": "string"}, {"type": "integer"}]}, n_features, rows)
         record = {
             "type": "object",
             "additionalProperties": number,
@@ -557,22 +555,8 @@ def _request_bodies(n_features: int, n_classes: int, schema: Any = None) -> dict
             "properties": {"records": records, "slices": slices},
             "additionalProperties": False,
         }
-        split = {
-            "type": "object",
-            "required": ["columns", "data"],
-            "properties": {
-                "columns": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "minItems": len(columns),
-                    "maxItems": len(columns),
-                    "uniqueItems": True,
-                },
-                "data": {"type": "array", "items": {"type": "array", "items": value}, "minItems": 1},
-                "index": {"type": "array", "description": "as pandas writes it; not used"},
-            },
-            "additionalProperties": False,
-        }
+        data = {"type": "array", "items": {"type": "array", "items": value}, "minItems": 1}
+        split = _split_schema({"type": "string"}, len(columns), data)
         items = {"type": "array", "items": {"anyOf": [record, row]}, "minItems": 1}
         invocations = {
             "oneOf": [

@@ -15,11 +15,11 @@ import pytest
 from kd_ops.config.monitoring import MonitorConfig
 from kd_ops.evaluation.reference import Reference, load_reference
 from kd_ops.prediction_log.feedback import feedback_rows
-from kd_ops.prediction_log.store import feedback, new_id, open_store, predictions, utcnow
+from kd_ops.prediction_log.store import feedback, open_store, predictions
 from monitors.decision import judge
 from monitors.window import WindowError, load_window, window_from_frame
 
-from ..conftest import churn_raw
+from ..conftest import churn_raw, client_records, table_log_rows
 
 NAME = "churn-monitor"
 
@@ -48,37 +48,14 @@ def churn(tmp_path_factory, tracking_uri):
     }
 
 
-def _records(frame: pd.DataFrame) -> list[dict]:
-    """Rows as a client sends them: JSON values, null for a missing one."""
-    out = []
-    for row in frame.to_dict("records"):
-        out.append({k: None if pd.isna(v) else (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-    return out
-
-
 def _log(churn, store: str, frame: pd.DataFrame, labels: np.ndarray | None = None, slices: bool = True) -> list[str]:
     """The served model's answers to `frame`, written to the log as the server stores a table
     model's rows (records, probabilities, the slicer's slices); feedback labels where given."""
     model, dm = churn["model"], churn["result"].datamodule
     probs = model.predict_proba(frame)
     cut = dm.input_slices().compute(model.schema.encode(frame))
-    now, request, records = utcnow(), new_id(), _records(frame)
-    rows = [
-        {
-            "id": new_id(),
-            "created_at": now,
-            "model_name": NAME,
-            "model_version": churn["version"],
-            "request_id": request,
-            "row_index": i,
-            "inputs": record,
-            "probabilities": probs[i].astype(float).tolist(),
-            "predicted_class": int(probs[i].argmax()),
-            "confidence": float(probs[i].max()),
-            "slices": {k: str(v[i]) for k, v in cut.items()} if slices else {},
-        }
-        for i, record in enumerate(records)
-    ]
+    row_slices = [{k: str(v[i]) for k, v in cut.items()} if slices else {} for i in range(len(frame))]
+    rows = table_log_rows(NAME, churn["version"], frame, probs, row_slices)
     engine = open_store(store)
     try:
         with engine.begin() as conn:
@@ -303,7 +280,7 @@ def _synthetic_case(ref_rows: int, shift: float):
             "id": [f"p{i}" for i in range(n)],
             "created_at": pd.Timestamp("2026-01-01"),
             "model_version": "1",
-            "inputs": _records(current[features]),
+            "inputs": client_records(current[features]),
             "probabilities": list(rng.dirichlet([1, 1], n)),
             "predicted_class": 0,
             "confidence": 0.5,

@@ -11,16 +11,9 @@ import pytest
 from kd_ops.core.errors import ConfigError
 from kd_ops.pipeline.redistill import logged_rows
 
-from ..conftest import churn_raw
+from ..conftest import churn_raw, table_log_rows
 
 NAME = "churn-redistill"
-
-
-def _records(frame: pd.DataFrame) -> list[dict]:
-    out = []
-    for row in frame.to_dict("records"):
-        out.append({k: None if pd.isna(v) else (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +24,7 @@ def champion(tmp_path_factory, tracking_uri):
     from kd_ops.models.loading import load_model
     from kd_ops.pipeline.distillation import run_distillation
     from kd_ops.prediction_log.feedback import feedback_rows
-    from kd_ops.prediction_log.store import feedback, new_id, open_store, predictions, utcnow
+    from kd_ops.prediction_log.store import feedback, open_store, predictions
 
     root = tmp_path_factory.mktemp("redistill-tables")
     store = f"sqlite:///{root}/predictions.db"
@@ -53,23 +46,7 @@ def champion(tmp_path_factory, tracking_uri):
     labels = dm.raw.y[rows]
     model = load_model(f"models:/{NAME}/{result.registered['version']}")
     probs = model.predict_proba(frame)
-    now, request = utcnow(), new_id()
-    logged = [
-        {
-            "id": new_id(),
-            "created_at": now,
-            "model_name": NAME,
-            "model_version": result.registered["version"],
-            "request_id": request,
-            "row_index": i,
-            "inputs": record,
-            "probabilities": probs[i].astype(float).tolist(),
-            "predicted_class": int(probs[i].argmax()),
-            "confidence": float(probs[i].max()),
-            "slices": {},
-        }
-        for i, record in enumerate(_records(frame))
-    ]
+    logged = table_log_rows(NAME, result.registered["version"], frame, probs)
     engine = open_store(store)
     with engine.begin() as conn:
         conn.execute(predictions.insert(), logged)

@@ -17,6 +17,8 @@ from kd_ops.prediction_log.reader import read_predictions
 from kd_ops.prediction_log.store import LogError, UnknownPredictions, open_store, predictions, shadow, utcnow
 from kd_ops.prediction_log.writer import Committer
 
+from .stored import stored_columns
+
 
 @pytest.fixture
 def plog(store_url):
@@ -346,22 +348,6 @@ def test_an_undecodable_shadow_score_names_its_row(store_url):
 
 
 # -- the write path: predictions in their stored form (kd_ops.prediction_log.stored_predictions) --
-def _stored_columns(url: str, ids: list[str]) -> dict[str, tuple]:
-    """Each row as the store holds it, every column read back as text (JSON and timestamps too)."""
-    import sqlalchemy as sa
-
-    from kd_ops.prediction_log.protocol import PREDICTION_COLUMNS
-
-    engine = open_store(url)
-    cols = [sa.cast(predictions.c[name], sa.Text) for name in PREDICTION_COLUMNS]
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(sa.select(*cols).where(predictions.c.id.in_(ids))).all()
-    finally:
-        engine.dispose()
-    return {row[0]: tuple(row[1:]) for row in rows}
-
-
 def _odd_batch(ids: list[str], seed: int = 3) -> dict:
     """Rows that exercise the stored form: float64 inputs (stored as float32), values float32
     rounds, a whole-second timestamp, slices with quotes and non-ASCII text, a tie in the scores."""
@@ -391,8 +377,8 @@ def test_the_stored_form_is_what_sqlalchemy_stores_and_reads_back_the_same(store
         log.write(predictions, via_stored)  # the stored form
     finally:
         log.close()
-    a = _stored_columns(store_url, via_dicts["ids"])
-    b = _stored_columns(store_url, via_stored["ids"])
+    a = stored_columns(store_url, via_dicts["ids"])
+    b = stored_columns(store_url, via_stored["ids"])
     assert len(a) == len(b) == 5
     assert [a[i] for i in via_dicts["ids"]] == [b[i] for i in via_stored["ids"]]
     frame = read_predictions(store_url).sort_values("id").reset_index(drop=True)  # a... rows, then b...

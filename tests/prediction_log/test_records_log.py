@@ -8,11 +8,12 @@ import datetime as dt
 import numpy as np
 import orjson
 import pytest
-import sqlalchemy as sa
 
 from kd_ops.prediction_log.client import PredictionLog
 from kd_ops.prediction_log.protocol import PREDICTION_COLUMNS, prediction_batch, prediction_rows, stored_predictions
-from kd_ops.prediction_log.store import open_store, predictions
+from kd_ops.prediction_log.store import predictions
+
+from .stored import stored_columns
 
 RECORDS = [
     {"carrier": "UA", "distance": 1400, "delayed_before": True, "note": 'Kö"ln\\'},
@@ -29,17 +30,6 @@ def _batch(ids: list[str]) -> dict:
     return batch
 
 
-def _stored(url: str, ids: list[str]) -> dict[str, tuple]:
-    engine = open_store(url)
-    cols = [sa.cast(predictions.c[name], sa.Text) for name in PREDICTION_COLUMNS]
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(sa.select(*cols).where(predictions.c.id.in_(ids))).all()
-    finally:
-        engine.dispose()
-    return {row[0]: tuple(row[1:]) for row in rows}
-
-
 def test_records_are_stored_as_sent_by_both_write_paths(store_url):
     log = PredictionLog.open_sync(store_url)
     try:
@@ -49,7 +39,7 @@ def test_records_are_stored_as_sent_by_both_write_paths(store_url):
         log.write(predictions, via_stored)  # the server's fast path
     finally:
         log.close()
-    a, b = _stored(store_url, via_dicts["ids"]), _stored(store_url, via_stored["ids"])
+    a, b = stored_columns(store_url, via_dicts["ids"]), stored_columns(store_url, via_stored["ids"])
     assert [a[i] for i in via_dicts["ids"]] == [b[i] for i in via_stored["ids"]]
     inputs = PREDICTION_COLUMNS.index("inputs") - 1
     for i, pid in enumerate(via_stored["ids"]):
