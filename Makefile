@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export EVIDENTLY_DISABLE_TELEMETRY := 1
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 
-.PHONY: install demo test bench clean postgres-binaries
+.PHONY: install demo test bench clean postgres-binaries chromium screenshots
 
 install: $(STAMP)
 
@@ -29,8 +29,20 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/kd-ops demo
 
-test: $(STAMP) postgres-binaries
+test: $(STAMP) postgres-binaries chromium
 	$(BIN)/python -m pytest
+
+# The browser test (tests/test_ui.py) drives Debian's Chromium with Playwright; no browser download.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "==> installing Debian's chromium (the browser test)" && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "kd-ops: Chromium is missing; the browser test will fail (apt-get install chromium)"
+
+# The screenshots in docs/img/: the browser test's pages, over a short loop of its own.
+screenshots: $(STAMP) chromium
+	$(BIN)/python -m pytest tests/test_ui.py --screenshots docs/img
 
 # The PostgreSQL tests start their own throw-away server from Debian's binaries (tests/postgres.py).
 # Where they are missing, install them if this is a Debian machine we may change; else say so.

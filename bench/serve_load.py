@@ -21,8 +21,19 @@ row: CPU µs per prediction (server, log off) and per logged row (writer + the s
 the disk's fsync latency (with synchronous=FULL it bounds the commit rate); checks that the log
 holds every row the log-on server answered, and writes `bench/results/serve_load.json` and `.md`.
 
+`--metrics-cost` measures only what the Prometheus metrics cost: two kd-ops servers with the log
+on, one with metrics (the default, its /metrics scraped every `--scrape-interval` s during the
+load, as Prometheus would) and one with `--no-metrics`, both up for the whole run; the load
+alternates between them, `--warmup` + `--seconds` per slice, in ABBA order (metrics first in
+even rounds, last in odd ones) so drift in a shared machine hits both alike; each round is one
+pair. It reports rows/s, latency and CPU per row of each, the cost per pair (mean ± std), checks
+that the metrics counted every answered row, and writes its own section ("Metrics cost") of the
+same `.md` and key (`metrics_cost`) of the same `.json`, keeping the rest of both (and a full run
+keeps that section).
+
     python bench/serve_load.py --repeats 5     # 16 and 64 clients, batch 1, 5 rounds of 10 s (~12 minutes)
     python bench/serve_load.py --batch 32 --out bench/results/serve_load_bs32
+    python bench/serve_load.py --metrics-cost --clients 16 --repeats 12 --seconds 8   # ~6 minutes
 """
 
 from __future__ import annotations
@@ -47,6 +58,8 @@ import requests
 from shared import RESULTS, digits_recipe, mean_std, save_results  # bench/shared.py (bench/ is on sys.path when run)
 
 VARIANTS = ("kd-ops, log on", "kd-ops, log off", "mlflow models serve")
+NO_METRICS = "kd-ops, log on, no metrics"  # `--metrics-cost`: beside VARIANTS[0], which has metrics on
+METRICS_SECTION = "## Metrics cost"  # the `--metrics-cost` section of the .md
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -79,7 +92,8 @@ class Server:
         env = {**os.environ, **ONE_THREAD, "PATH": path, "MLFLOW_TRACKING_URI": uri, "KD_OPS_TOKEN": "bench"}
         if variant.startswith("kd-ops"):
             cmd = [str(bin_dir / "kd-ops"), "serve", name, "--port", str(self.port), "--store", self.store]
-            cmd += ["--threads", "1", "--tracking-uri", uri, *extra] + (["--no-log"] if "off" in variant else [])
+            cmd += ["--threads", "1", "--tracking-uri", uri, *extra] + (["--no-log"] if "log off" in variant else [])
+            cmd += ["--no-metrics"] if "no metrics" in variant else []
             self.path, self.health = "/predict", "/health"
             self.body = json.dumps({"rows": rows}).encode()
         else:
@@ -126,11 +140,12 @@ def _cpu(pid: int) -> dict[str, float]:
     }
 
 
-async def _load(server: Server, clients: int, warmup: float, seconds: float) -> dict:
+async def _load(server: Server, clients: int, warmup: float, seconds: float, scrape_every: float = 0.0) -> dict:
+    """`scrape_every`: seconds between GETs of /metrics during the load (0: none)."""
     import aiohttp
 
     latencies: list[float] = []
-    ok = errors = answered_total = 0
+    ok = errors = answered_total = scrapes = 0
     headers = {"Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=clients, force_close=False)
     cpu: dict[str, float] = {}
@@ -165,7 +180,15 @@ async def _load(server: Server, clients: int, warmup: float, seconds: float) -> 
                     else:
                         errors += 1
 
-        await asyncio.gather(meter(), *(client() for _ in range(clients)))
+        async def scraper() -> None:
+            nonlocal scrapes
+            while scrape_every and time.perf_counter() < until:
+                async with session.get(server.url + "/metrics") as r:
+                    await r.read()
+                    scrapes += r.status == 200
+                await asyncio.sleep(scrape_every)
+
+        await asyncio.gather(meter(), scraper(), *(client() for _ in range(clients)))
     lat = np.array(latencies) * 1e3
     return {
         "requests_per_s": ok / seconds,
@@ -174,6 +197,7 @@ async def _load(server: Server, clients: int, warmup: float, seconds: float) -> 
         "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
         "errors": errors,
         "answered_requests": answered_total,
+        "scrapes": scrapes,
     }
 
 
@@ -242,8 +266,8 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
             if b
         ]
         line = (
-            f"- {clients} clients: logging costs {1 - on / off:.1%} of throughput (per round {mean_std(per_round, '.1%')};"
-            " target: at most 10%)"
+            f"- {clients} clients: logging costs {1 - on / off:.1%} of throughput"
+            f" (per round {mean_std(per_round, '.1%')}; target: at most 10%)"
         )
         if VARIANTS[2] in mean:
             ratio = on / mean[VARIANTS[2]]
@@ -277,6 +301,105 @@ def fsync_ms(folder: Path, n: int = 200) -> dict[str, float]:
     return {"p50": times[n // 2], "p90": times[int(n * 0.9)]}
 
 
+def _rows_counted(url: str) -> float:
+    """The server's own count of rows answered by /predict (`kd_ops_rows_total`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(url + "/metrics", timeout=10).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "kd_ops_rows_total" and s.labels == {"endpoint": "/predict", "status": "200"}
+    )
+
+
+def metrics_cost(args: argparse.Namespace, uri: str, name: str, version: str, rows: list, root: Path) -> dict:
+    """`--metrics-cost`: both servers up, the load alternating between them in ABBA order (module docstring)."""
+    extra = args.serve_args.split()
+    servers = {VARIANTS[0]: Server(VARIANTS[0], uri, name, version, rows, root, extra)}
+    try:
+        servers[NO_METRICS] = Server(NO_METRICS, uri, name, version, rows, root, extra)
+        runs: dict[str, list[dict]] = {f"{c} | {v}": [] for c in args.client_levels for v in servers}
+        for rnd in range(args.repeats):
+            for clients in args.client_levels:
+                order = list(servers) if rnd % 2 == 0 else list(servers)[::-1]
+                for variant in order:
+                    every = args.scrape_interval if variant == VARIANTS[0] else 0.0
+                    out = asyncio.run(_load(servers[variant], clients, args.warmup, args.seconds, every))
+                    runs[f"{clients} | {variant}"].append(out)
+                    print(
+                        f"round {rnd}: {clients:>3} clients {variant:<28} {out['requests_per_s'] * args.batch:>7,.0f}"
+                        f" rows/s, p50 {out['p50_ms']:.2f} ms, p99 {out['p99_ms']:.2f} ms, errors {out['errors']},"
+                        f" CPU µs/row server {_us_per_row(out, 'server', args):.0f}, scrapes {out['scrapes']}",
+                        file=sys.stderr,
+                    )
+        answered = sum(r["answered_requests"] for k, rs in runs.items() if k.endswith(VARIANTS[0]) for r in rs)
+        counted = _rows_counted(servers[VARIANTS[0]].url)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {"runs": runs, "rows_counted": counted, "rows_answered": answered * args.batch}
+
+
+def metrics_report(measured: dict, args: argparse.Namespace) -> str:
+    runs = measured["runs"]
+    lines = [
+        METRICS_SECTION,
+        "",
+        f"`{args.command}`: two kd-ops servers with the log on (SQLite, synchronous=FULL), both up for the"
+        f" whole run, one with metrics (its /metrics scraped every {args.scrape_interval:g} s during the"
+        " load) and one with `--no-metrics`; the load alternates between them, ABBA order, each slice"
+        f" {args.seconds:g} s measured after {args.warmup:g} s warm-up, {args.repeats} pairs;"
+        f" {args.batch} row(s) per request; {os.cpu_count()} cores, client and servers on the same cores.",
+    ]
+    if args.note:
+        lines += ["", f"Note: {args.note}"]
+    lines += [
+        "",
+        "| clients | server | rows/s (mean ± std) | p50 ms | p99 ms | server CPU µs/row | writer CPU µs/row | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, rs in runs.items():
+        clients, variant = key.split(" | ")
+        shown = "kd-ops, log on, metrics on" if variant == VARIANTS[0] else variant
+        lines.append(
+            f"| {clients} | {shown} | {mean_std([r['requests_per_s'] * args.batch for r in rs], ',.0f')}"
+            f" | {mean_std([r['p50_ms'] for r in rs], '.2f')} | {mean_std([r['p99_ms'] for r in rs], '.2f')}"
+            f" | {mean_std([_us_per_row(r, 'server', args) for r in rs], '.0f')}"
+            f" | {mean_std([_us_per_row(r, 'children', args) for r in rs], '.0f')}"
+            f" | {sum(r['errors'] for r in rs)} |"
+        )
+    lines.append("")
+    for clients in args.client_levels:
+        on, off = runs[f"{clients} | {VARIANTS[0]}"], runs[f"{clients} | {NO_METRICS}"]
+        rate = lambda rs: [r["requests_per_s"] for r in rs]  # noqa: E731
+        cost = [1 - a / b for a, b in zip(rate(on), rate(off)) if b]
+        cpu = [_us_per_row(a, "server", args) - _us_per_row(b, "server", args) for a, b in zip(on, off)]
+        mean_cost = 1 - statistics.fmean(rate(on)) / statistics.fmean(rate(off))
+        lines.append(
+            f"- {clients} clients: metrics cost {mean_cost:.1%} of throughput (per pair"
+            f" {mean_std(cost, '.1%')} over {len(cost)} pairs, median {statistics.median(cost):.1%}; target: at"
+            " most 3%); server CPU per row"
+            f" {statistics.fmean(cpu):+.1f} ± {statistics.stdev(cpu) if len(cpu) > 1 else 0:.1f} µs with metrics"
+            f" ({statistics.fmean(cpu) / statistics.fmean([_us_per_row(b, 'server', args) for b in off]):+.1%})"
+        )
+    lines.append(
+        f"- the metrics counted every answered row: {measured['rows_counted'] == measured['rows_answered']}"
+        f" ({measured['rows_counted']:,.0f} counted, {measured['rows_answered']:,} answered)"
+    )
+    return "\n".join(lines)
+
+
+def _kept(out: str) -> tuple[str, dict]:
+    """The metrics section of `out`.md and key of `out`.json, if there are (a full run keeps them)."""
+    md, js = Path(f"{out}.md"), Path(f"{out}.json")
+    text = md.read_text() if md.exists() else ""
+    section = text[text.index(METRICS_SECTION) :] if METRICS_SECTION in text else ""
+    old = json.loads(js.read_text()) if js.exists() else {}
+    return section, ({"metrics_cost": old["metrics_cost"]} if "metrics_cost" in old else {})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="16,64", help="concurrent clients; a comma list runs each")
@@ -288,6 +411,10 @@ def main() -> None:
     parser.add_argument("--serve-args", default="", help="extra `kd-ops serve` arguments, e.g. '--sqlite-sync NORMAL'")
     parser.add_argument("--out", default=str(RESULTS / "serve_load"), help="path prefix of the .json and .md")
     parser.add_argument("--note", default="", help="a line for the .md, e.g. that the machine was shared")
+    parser.add_argument(
+        "--metrics-cost", action="store_true", help="only metrics on vs --no-metrics (log on), alternating; see above"
+    )
+    parser.add_argument("--scrape-interval", type=float, default=1.0, help="--metrics-cost: seconds between scrapes")
     args = parser.parse_args()
     args.command = "python " + " ".join(shlex.quote(a) for a in ["bench/serve_load.py", *sys.argv[1:]])
     print(f"command: {args.command}", file=sys.stderr)
@@ -310,6 +437,18 @@ def main() -> None:
         uri, name, version, x = distil_student(root)
         rows = x[: args.batch].tolist()
         args.client_levels = [int(c) for c in str(args.clients).split(",")]
+        if args.metrics_cost:
+            measured = metrics_cost(args, uri, name, version, rows, root)
+            text = metrics_report(measured, args)
+            print(text)
+            md, js = Path(f"{args.out}.md"), Path(f"{args.out}.json")
+            before = md.read_text() if md.exists() else ""
+            before = before[: before.index(METRICS_SECTION)] if METRICS_SECTION in before else before
+            md.write_text((before.rstrip("\n") + "\n\n" if before.strip() else "") + text + "\n")
+            payload = json.loads(js.read_text()) if js.exists() else {}
+            payload["metrics_cost"] = {"args": vars(args), **measured}
+            js.write_text(json.dumps(payload, indent=1, default=str))
+            return
         results: dict[str, list[dict]] = {f"{c} | {v}": [] for c in args.client_levels for v in variants}
         complete = True
         for rnd in range(args.repeats):
@@ -337,7 +476,12 @@ def main() -> None:
         args.log_complete = complete
     text = report(results, args)
     print(text)
-    save_results(args.out, text, {"args": vars(args), "results": results})
+    section, kept = _kept(args.out)
+    save_results(
+        args.out,
+        text + ("\n\n" + section.rstrip("\n") if section else ""),
+        {"args": vars(args), "results": results, **kept},
+    )
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
     env = {
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        # where the Prefect UI's own page calls the API (else the default port 4200)
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         # Prefect's INFO lines only with -v (KD_OPS_QUIET=0); the user's own setting wins.
         "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL") or ("WARNING" if quiet else "INFO"),

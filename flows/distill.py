@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.common import RETRIES, RETRY_DELAYS, config, retry_if_transient
+from flows.reporting import distill_artifacts, distill_run_name, rename, run_logs
 
 
 @task(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
@@ -17,17 +18,20 @@ def distill(config_path: str, overrides: list[str]) -> dict[str, Any]:
     return run_distillation(config(config_path, overrides)).to_json()
 
 
-@flow(name="kd-ops-distill", log_prints=True)
+@flow(name="kd-ops-distill", flow_run_name=distill_run_name, log_prints=True)
 def distill_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Distil the config's student and register it; it becomes champion if its gates pass."""
-    out = distill(config_path, list(overrides or []))
-    reg = out["registered"]
-    get_run_logger().info(
-        "%s v%s: gates %s, promoted %s (champion v%s)",
-        reg["name"],
-        reg["version"],
-        reg.get("gates"),
-        reg.get("promoted"),
-        reg.get("champion"),
-    )
+    overrides = list(overrides or [])
+    with run_logs():
+        out = distill(config_path, overrides)
+        reg = out["registered"]
+        get_run_logger().info(
+            "%s v%s: gates %s, promoted %s (champion v%s)",
+            reg["name"],
+            reg["version"],
+            reg.get("gates"),
+            reg.get("promoted"),
+            reg.get("champion"),
+        )
+        rename(distill_artifacts(config(config_path, overrides), out))
     return out

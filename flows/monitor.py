@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.common import RETRIES, RETRY_DELAYS, config, retry_if_transient
+from flows.reporting import monitor_artifacts, monitor_run_name, rename, run_logs
 
 ALERT_EVENT = "kd-ops.monitor.alert"
 
@@ -45,18 +46,21 @@ def emit_alert(result: dict[str, Any]) -> str | None:
     return None if event is None else str(event.id)
 
 
-@flow(name="kd-ops-monitor", log_prints=True)
+@flow(name="kd-ops-monitor", flow_run_name=monitor_run_name, log_prints=True)
 def monitor_flow(config_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """One monitor pass; returns the verdict (status, reasons, metrics)."""
-    result = judge_window(config_path, list(overrides or []))
-    logger = get_run_logger()
-    logger.info("%s v%s: %s", result["model_name"], result["model_version"], result["status"])
-    for reason in result["reasons"]:
-        logger.info("  %s: %s", reason["status"], reason["message"])
-    if result["status"] == "alert":
-        result["event_id"] = emit_alert(result)
-        if result["event_id"]:
-            logger.info("emitted %s (event %s)", ALERT_EVENT, result["event_id"])
-        else:
-            logger.warning("events are off in this Prefect setup: %s not emitted, no re-distillation", ALERT_EVENT)
+    overrides = list(overrides or [])
+    with run_logs():
+        result = judge_window(config_path, overrides)
+        logger = get_run_logger()
+        logger.info("%s v%s: %s", result["model_name"], result["model_version"], result["status"])
+        for reason in result["reasons"]:
+            logger.info("  %s: %s", reason["status"], reason["message"])
+        if result["status"] == "alert":
+            result["event_id"] = emit_alert(result)
+            if result["event_id"]:
+                logger.info("emitted %s (event %s)", ALERT_EVENT, result["event_id"])
+            else:
+                logger.warning("events are off in this Prefect setup: %s not emitted, no re-distillation", ALERT_EVENT)
+        rename(monitor_artifacts(config(config_path, overrides), result))
     return result

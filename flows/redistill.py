@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.common import RETRIES, RETRY_DELAYS, config, retry_if_transient
+from flows.reporting import redistill_artifacts, redistill_run_name, rename, run_logs
 
 
 @task(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient)
@@ -29,18 +30,22 @@ def redistill(config_path: str, overrides: list[str], trigger: str) -> dict[str,
     return run_redistillation(config(config_path, overrides), trigger=trigger).to_json()
 
 
-@flow(name="kd-ops-redistill", log_prints=True)
+@flow(name="kd-ops-redistill", flow_run_name=redistill_run_name, log_prints=True)
 def redistill_flow(
     config_path: str, overrides: list[str] | None = None, trigger: str = "manual", ignore_cooldown: bool = False
 ) -> dict[str, Any]:
     """Re-distil the config's model on recent traffic; the result says promoted or kept, and why."""
     overrides = list(overrides or [])
-    logger = get_run_logger()
-    if not ignore_cooldown:
-        recent = recent_redistillation(config_path, overrides)
-        if recent:
-            logger.info("skipped: %s", recent)
-            return {"skipped": True, "reason": recent, "promoted": False}
-    out = redistill(config_path, overrides, trigger)
-    logger.info(out["reason"])
+    with run_logs():
+        logger = get_run_logger()
+        out: dict[str, Any] | None = None
+        if not ignore_cooldown:
+            recent = recent_redistillation(config_path, overrides)
+            if recent:
+                logger.info("skipped: %s", recent)
+                out = {"skipped": True, "reason": recent, "promoted": False}
+        if out is None:
+            out = redistill(config_path, overrides, trigger)
+            logger.info(out["reason"])
+        rename(redistill_artifacts(config(config_path, overrides), out, trigger))
     return out

@@ -26,8 +26,11 @@ class MonitorResult:
     # reader sees which test judged each column and what it found (empty for array models)
     columns: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Evidently snapshots by name: "drift" (every window that is judged), "quality" (when enough
-    # rows are labelled)
+    # rows are labelled), "summary" (the monitor's estimates, for the dashboard)
     snapshots: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Where the window's reports went in the Evidently workspace: project id, snapshot ids and
+    # links to them in the UI (`monitors.dashboard.Published`); empty when not recorded
+    evidently: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "snapshots"}

@@ -30,6 +30,7 @@ import logging
 
 from kd_ops.config.experiment import ExperimentConfig
 from kd_ops.evaluation.reference import load_reference
+from monitors.dashboard import summary_snapshot
 from monitors.decision import MonitorResult, judge
 from monitors.recording import _record
 from monitors.window import Window, holds_records, read_window, served_schema, served_version, window_from_frame
@@ -72,8 +73,10 @@ def run_monitor(
     if window.rows == 0:
         return empty
     result = judge(window, reference, m)
+    if result.snapshots:
+        result.snapshots["summary"] = summary_snapshot(window, reference, result)
     if record:
-        _record(result, cfg)
+        _record(result, cfg, window.schema)
     if notify and result.reasons and m.alerts.hooks:
         delivery = Dispatcher(m.alerts).dispatch(result.alert())
         result.window["alert_hooks"] = {
@@ -81,5 +84,16 @@ def run_monitor(
             "failed": delivery.failed,
             "suppressed": delivery.suppressed,
         }
-    log.info("monitor %s v%s: %s %s", name, result.model_version, result.status, json.dumps(result.metrics))
+    described = result.window
+    log.info(
+        "monitor %s v%s: %s on %s rows (%s labelled, %s shadow-scored)%s",
+        name,
+        result.model_version,
+        result.status,
+        described.get("rows"),
+        described.get("labelled_rows"),
+        described.get("shadow_rows"),
+        "".join(f"\n  {r.status}: {r.message}" for r in result.reasons),
+    )
+    log.debug("monitor %s v%s metrics: %s", name, result.model_version, json.dumps(result.metrics))
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from kd_ops.config.experiment import ExperimentConfig
 from monitors.decision import MonitorResult
@@ -29,11 +30,15 @@ def metric_names(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _record(result: MonitorResult, cfg: ExperimentConfig) -> None:
-    """The verdict and the Evidently report into an MLflow run, and the report into the workspace."""
+def _record(result: MonitorResult, cfg: ExperimentConfig, schema: Any | None = None) -> None:
+    """The verdict and the Evidently reports into an MLflow run, and the reports into the
+    Evidently workspace, whose dashboard is kept (`monitors.dashboard`). Every snapshot is stamped
+    first, so the copy in MLflow and the one in the workspace carry the same time, tags and
+    metadata."""
     import mlflow
 
     from kd_ops.registry.tracking import use_experiment
+    from monitors.dashboard import publish, stamp
 
     experiment_id = use_experiment(cfg.tracking.uri, f"{cfg.tracking.experiment}-monitor")
     tags = {
@@ -43,20 +48,20 @@ def _record(result: MonitorResult, cfg: ExperimentConfig) -> None:
         "kd_ops.monitor.status": result.status,
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"monitor-v{result.model_version}", tags=tags) as run:
+        result.run_id = run.info.run_id
+        result.snapshots = {kind: stamp(s, result, kind) for kind, s in result.snapshots.items()}
         mlflow.log_metrics(metric_names(result.metrics))
-        mlflow.log_dict(result.to_json(), "monitor_result.json")
         if result.snapshots:
             with tempfile.TemporaryDirectory(prefix="kd-ops-monitor-") as tmp:
                 for kind, snapshot in result.snapshots.items():
                     snapshot.save_html(str(Path(tmp) / f"{kind}.html"))
                     snapshot.save_json(str(Path(tmp) / f"{kind}.json"))
                 mlflow.log_artifacts(tmp, "evidently")
-        result.run_id = run.info.run_id
-    if cfg.monitor.workspace and result.snapshots:
-        from evidently.ui.workspace import Workspace
-
-        ws = Workspace.create(cfg.monitor.workspace)
-        name = f"kd-ops {result.model_name}"
-        project = next((p for p in ws.list_projects() if p.name == name), None) or ws.create_project(name)
-        for snapshot in result.snapshots.values():
-            ws.add_run(project.id, snapshot)
+        published = publish(result, cfg.monitor, schema)
+        if published is not None:
+            result.evidently = published.to_json()
+            mlflow.set_tags(
+                {"kd_ops.evidently.project": published.project_id}
+                | ({"kd_ops.evidently.dashboard": published.dashboard} if published.dashboard else {})
+            )
+        mlflow.log_dict(result.to_json(), "monitor_result.json")

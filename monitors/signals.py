@@ -24,6 +24,13 @@ def confidence_estimate(reference: Reference, confidence: np.ndarray) -> float:
     CBPE): a reference of a few hundred rows holds few errors to calibrate on, while a threshold
     needs only the accuracy, and it tracked the true accuracy best under every drift scenario
     (bench/monitor_quality.py)."""
+    return float(confidence_hits(reference, confidence).mean())
+
+
+def confidence_hits(reference: Reference, confidence: np.ndarray) -> np.ndarray:
+    """Each row's share in the ATC estimate: 1 above the reference's threshold, 0 below, and the
+    tie fraction at it; their mean is `confidence_estimate`. Per row, so Evidently's `MeanValue`
+    over them gives the dashboard exactly the monitor's estimate (`monitors.dashboard`)."""
     ref = np.sort(np.asarray(reference.confidence, dtype=np.float64))
     conf = np.asarray(confidence, dtype=np.float64)
     t = float(np.quantile(ref, 1.0 - reference.accuracy, method="lower"))
@@ -31,7 +38,7 @@ def confidence_estimate(reference: Reference, confidence: np.ndarray) -> float:
     # fraction that makes the reference's own estimate equal its accuracy.
     above, at = float((ref > t).mean()), float((ref == t).mean())
     tie = min(max((reference.accuracy - above) / at, 0.0), 1.0) if at else 0.0
-    return float((conf > t).mean() + tie * (conf == t).mean())
+    return np.where(conf > t, 1.0, np.where(conf == t, tie, 0.0))
 
 
 def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
@@ -203,6 +210,14 @@ def _unique_name(base: str, taken: set[str]) -> str:
     return name
 
 
+def output_columns(schema: Any | None) -> tuple[str, str]:
+    """The drift report's names for the predicted class and the confidence: "predicted" and
+    "confidence", unless a table has columns of those names. The dashboard's panels select the
+    drift of these two columns by name."""
+    taken = set(schema.names) if schema is not None else set()
+    return _unique_name("predicted", taken), _unique_name("confidence", taken)
+
+
 def evidently_columns(schema: Any, table: pd.DataFrame) -> pd.DataFrame:
     """Typed columns as Evidently reads them: numbers as float; categories and booleans as text
     (NaN where missing), since Evidently counts category values and a pandas `category` or
@@ -247,7 +262,7 @@ def _table_drift(
     tested = [f for f in features if f not in empty]
 
     taken = set(features)
-    predicted, confidence = _unique_name("predicted", taken), _unique_name("confidence", taken)
+    predicted, confidence = output_columns(schema)
     shared = sorted(set(window.slices) & set(reference.slices))
     slice_cols = [_unique_name(f"slice_{n}", taken) for n in shared]
     for df, probs, slices in (

@@ -18,6 +18,7 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_HOME}/default.db")
 from kd_ops.core.env import apply_offline_defaults  # noqa: E402
 
 from .postgres import postgres, store_url  # noqa: E402, F401  (PostgreSQL fixtures)
+from .tables_fixtures import churn_champion  # noqa: E402, F401  (one churn table model per session)
 
 apply_offline_defaults()
 
@@ -94,3 +95,11 @@ def distilled(tracking_uri):
 
     cfg = config_from_dict(tiny_raw(tracking_uri), "tiny")
     return cfg, run_distillation(cfg)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--screenshots",
+        default=None,
+        help="folder for the browser test's screenshots (tests/test_ui.py; `make screenshots` uses docs/img)",
+    )

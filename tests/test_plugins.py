@@ -3,8 +3,10 @@
 Two real distributions are built and installed with pip (tests/fixtures/kd_ops_example_plugin and
 its `broken/` sibling): into a folder of their own rather than the shared virtual environment, so
 no other test (nor another process running the suite) ever sees them. Entry points and the
-registries are per process, so everything that needs the plugins runs in a fresh interpreter with
-that folder on its path.
+registries are per process, so everything that needs the plugins runs in a process of its own with
+that folder on its path: a fork of one interpreter (`plugins`) that has imported kd-ops, torch and
+MLflow once but has not looked for a plugin yet, so each test starts where a fresh interpreter
+would, without paying seconds of imports each.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -44,24 +47,106 @@ def site(tmp_path_factory) -> Path:
     return target
 
 
-def run_python(site: Path, code: str, cwd: Path, timeout: int = 300) -> str:
-    """Run `code` in a fresh interpreter that sees the installed plugins; its stdout."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
-    return proc.stdout
+# The interpreter the checks fork from. It imports what they use, then, for each job on stdin (JSON:
+# code, cwd, files for stdout and stderr, a timeout), forks; the fork runs the code as `python -c`
+# would run it, as __main__, and the parent answers with its exit status. Nothing is imported before
+# the fork that looks up a component by name, so no registry has read its entry points yet.
+FORK_SERVER = """
+import json, os, signal, sys, traceback
+
+import kd_ops.config, kd_ops.data.datasets, kd_ops.distill.losses, kd_ops.distill.strategies
+import kd_ops.models.zoo, kd_ops.pipeline.distillation, monitors.alerts
+
+answer = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)  # whatever this process prints goes to its log, not into the answers
+print("ready", file=answer, flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the jobs are the parent's to read
+            for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            os.chdir(job["cwd"])
+            signal.alarm(job["timeout"])  # the default action ends the fork: answered as -14
+            exec(compile(job["code"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+            status = 0
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                status = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(status)
+    _, waited = os.waitpid(pid, 0)
+    print(json.dumps(os.waitstatus_to_exitcode(waited)), file=answer, flush=True)
+os._exit(0)  # stdin closed: done, without the seconds an orderly interpreter shutdown takes
+"""
 
 
-def config_errors(site: Path, tmp_path: Path, *raws: dict) -> list[str]:
+class Plugins:
+    """A process that sees the installed plugins; `run` runs code in a fork of it, like `python -c`."""
+
+    def __init__(self, site: Path, folder: Path):
+        self.folder, self.jobs = folder, 0
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+        self.log = folder / "server.err"
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", FORK_SERVER], cwd=folder, env=env, text=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+            )  # fmt: skip
+        assert self._answer(300) == "ready"
+
+    def _answer(self, timeout: float) -> str:
+        readable, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if readable else ""
+        if not line:
+            self.close()
+            pytest.fail(f"the plugins' interpreter did not answer: {self.log.read_text()[-5000:]}")
+        return line.strip()
+
+    def run(self, code: str, cwd: Path, timeout: int = 300) -> str:
+        """Run `code` in a fork that sees the installed plugins; its stdout."""
+        self.jobs += 1
+        out, err = self.folder / f"{self.jobs}.out", self.folder / f"{self.jobs}.err"
+        job = {"code": textwrap.dedent(code), "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        self.proc.stdin.write(json.dumps({**job, "timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+        status = int(self._answer(timeout + 60))
+        assert status == 0, f"exit status {status}:\n{out.read_text()}{err.read_text()[-5000:]}"
+        return out.read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def plugins(site, tmp_path_factory):
+    server = Plugins(site, tmp_path_factory.mktemp("plugin-runs"))
+    yield server
+    server.close()
+
+
+def config_errors(plugins: Plugins, tmp_path: Path, *raws: dict) -> list[str]:
     """The ConfigError `load_config` raises for each config, with the plugins installed (one process)."""
     paths = []
     for i, raw in enumerate(raws):
         paths.append(str(tmp_path / f"bad{i}.yaml"))
         Path(paths[-1]).write_text(yaml.safe_dump(raw))
-    out = run_python(
-        site,
+    out = plugins.run(
         f"""
         import json
         from kd_ops.config import load_config
@@ -109,11 +194,10 @@ def moons_raw(tmp_path: Path, **sections) -> dict:
 
 
 @pytest.mark.slow
-def test_a_config_names_installed_components_like_built_ins(site, tmp_path):
+def test_a_config_names_installed_components_like_built_ins(plugins, tmp_path):
     path = tmp_path / "moons.yaml"
     path.write_text(yaml.safe_dump(moons_raw(tmp_path)))
-    out = run_python(
-        site,
+    out = plugins.run(
         f"""
         import json
         from kd_ops.config import load_config
@@ -132,10 +216,9 @@ def test_a_config_names_installed_components_like_built_ins(site, tmp_path):
     assert student["model"] == "tiny_mlp" and student["loss.0"] == "logit_l1*0.5", student
 
 
-def test_an_installed_alert_hook_is_named_in_the_monitor_config(site, tmp_path):
+def test_an_installed_alert_hook_is_named_in_the_monitor_config(plugins, tmp_path):
     sink = tmp_path / "alerts.jsonl"
-    run_python(
-        site,
+    plugins.run(
         f"""
         from kd_ops.config.monitoring import AlertsConfig
         from monitors.alerts import Alert, Dispatcher, Reason
@@ -151,9 +234,8 @@ def test_an_installed_alert_hook_is_named_in_the_monitor_config(site, tmp_path):
     assert json.loads(sink.read_text())["model_name"] == "moons-student"
 
 
-def test_a_built_in_config_imports_no_plugin(site, tmp_path):
-    run_python(
-        site,
+def test_a_built_in_config_imports_no_plugin(plugins, tmp_path):
+    plugins.run(
         """
         import sys
         import kd_ops
@@ -178,9 +260,9 @@ def test_a_built_in_config_imports_no_plugin(site, tmp_path):
     )
 
 
-def test_an_unknown_name_lists_the_plugins_and_the_refused_ones(site, tmp_path):
+def test_an_unknown_name_lists_the_plugins_and_the_refused_ones(plugins, tmp_path):
     message, method = config_errors(
-        site,
+        plugins,
         tmp_path,
         moons_raw(tmp_path, data={"name": "moonz"}, student={"model": "tiny"}),
         moons_raw(tmp_path, distill={"method": "logit_l2"}),
@@ -228,16 +310,15 @@ def _named(sections: dict) -> tuple[str, str]:
     return f"{section}.{key}", values[key]
 
 
-def test_a_broken_plugin_is_one_clear_config_error(site, tmp_path):
-    got = config_errors(site, tmp_path, *(moons_raw(tmp_path, **sections) for sections, _ in BROKEN_CASES.values()))
+def test_a_broken_plugin_is_one_clear_config_error(plugins, tmp_path):
+    got = config_errors(plugins, tmp_path, *(moons_raw(tmp_path, **sections) for sections, _ in BROKEN_CASES.values()))
     for i, ((case, (sections, expected)), message) in enumerate(zip(BROKEN_CASES.items(), got)):
         key, name = _named(sections)
         assert message == f"invalid config {tmp_path / f'bad{i}.yaml'}:\n  {key} = {name!r}: {expected}", case
 
 
-def test_a_broken_alert_hook_names_its_distribution(site, tmp_path):
-    out = run_python(
-        site,
+def test_a_broken_alert_hook_names_its_distribution(plugins, tmp_path):
+    out = plugins.run(
         """
         from kd_ops.config.monitoring import AlertsConfig
         from kd_ops.core.errors import ConfigError
@@ -257,9 +338,8 @@ def test_a_broken_alert_hook_names_its_distribution(site, tmp_path):
     )
 
 
-def test_a_plugin_never_replaces_a_built_in(site, tmp_path):
-    out = run_python(
-        site,
+def test_a_plugin_never_replaces_a_built_in(plugins, tmp_path):
+    out = plugins.run(
         """
         import sys
         from kd_ops.distill.losses import LOSSES

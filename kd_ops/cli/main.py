@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--store", default="sqlite:///predictions.db", help="prediction log, a SQLAlchemy URL")
     p.add_argument("--no-log", action="store_true", help="do not log predictions (feedback and shadow then refused)")
+    p.add_argument(
+        "--no-metrics", action="store_true", help="no Prometheus metrics: no /metrics and no request instrumentation"
+    )
     p.add_argument("--poll-interval", type=float, default=10.0, help="seconds between alias checks (default 10)")
     p.add_argument("--shadow-fraction", type=float, default=0.0, help="share of requests the teacher also scores")
     p.add_argument("--teacher", help="teacher model URI for the shadow (default: the served version's lineage)")

@@ -29,6 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sqlite_sync=args.sqlite_sync,
             allow_pickle=args.allow_pickle,
             allowed_hosts=args.allowed_host,
+            metrics=not args.no_metrics,
         )
         import torch
 

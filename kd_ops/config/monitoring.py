@@ -107,7 +107,16 @@ class MonitorConfig(_Section):
         description="a drop in accuracy or agreement counts only below this one-sided p-value (about 3 sigma)",
     )
     thresholds: MonitorThresholds = Field(default_factory=MonitorThresholds)
-    workspace: str | None = Field(".kd-ops/evidently", description="Evidently workspace for the report history")
+    workspace: str | None = Field(
+        ".kd-ops/evidently",
+        description="Evidently workspace for the report history and dashboard: a folder, or an Evidently UI"
+        " server's URL",
+    )
+    workspace_url: str | None = Field(
+        "http://127.0.0.1:8000",
+        description="where users open `evidently ui` over a workspace folder: links in monitor results and"
+        " Prefect artifacts",
+    )
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     # When `kd-ops deploy` runs the monitor: a cron string, or every `interval_minutes`
     cron: str | None = Field(None, description="monitor deployment schedule (cron, e.g. '*/15 * * * *')")

@@ -49,10 +49,11 @@ from kd_ops.evaluation.metrics import (
 from kd_ops.evaluation.reference import build_reference, log_reference
 from kd_ops.models.loading import load_for_data
 from kd_ops.models.zoo import build_model, freeze
-from kd_ops.registry import tracking
+from kd_ops.registry import datasets, tracking
+from kd_ops.registry.datasets import TEST, TRAINING, TRANSFER, VALIDATION, DatasetInput
 from kd_ops.registry.lineage import lineage as lineage_scope
 
-log = logging.getLogger("kd_ops")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -218,6 +219,8 @@ class _Context:
     gates: list[dict[str, Any]] = field(default_factory=list)
     reference_rows: tuple[np.ndarray, np.ndarray] | None = None  # default: the val split
     student_object: Any = None  # a network or estimator given through the Python API
+    data: datasets.RunData | None = None  # the splits as MLflow datasets (each run's inputs)
+    extra_inputs: list[DatasetInput] = field(default_factory=list)  # what `extra` rows were (production window)
 
     def child(self, name: str, role: str | None = None, **tags: str):
         return mlflow.start_run(
@@ -227,17 +230,46 @@ class _Context:
             tags={tracking.TAG_ROLE: role or name, **self.lineage, **tags},
         )
 
+    def log_inputs(self, *contexts: str | tuple[str, str], extra: bool = False) -> None:
+        """The splits this run saw as its MLflow dataset inputs (see `kd_ops.registry.datasets`);
+        `extra`: also the datasets the extra transfer rows came from."""
+        if self.data is not None:
+            datasets.log_inputs([*self.data.inputs(*contexts), *(self.extra_inputs if extra else [])])
+
+
+# What each kind of run saw, as (context, split) pairs for `_Context.log_inputs`. The baseline
+# learns the labels of the very rows the student distils on: the transfer set, as its training.
+TRAINED_TEACHER_INPUTS = (TRAINING, VALIDATION, TEST)
+LOADED_TEACHER_INPUTS = (TEST,)  # evaluated here, trained elsewhere: its training data is not known
+BASELINE_INPUTS = ((TRAINING, "transfer"), VALIDATION, TEST)
+STUDENT_INPUTS = (TRANSFER, VALIDATION, TEST)
+
+
+def _summary(role: str, metrics: dict[str, float], seconds: float, how: str = "") -> None:
+    """One INFO line at the end of a stage: the numbers a reader of the flow's log looks for."""
+    parts = [f"test accuracy {metrics.get('test_accuracy', float('nan')):.3f}"]
+    for key, label in (("agreement_with_teacher", "agreement"), ("accuracy_retention", "retention")):
+        if key in metrics:
+            parts.append(f"{label} {metrics[key]:.3f}")
+    if "compression_ratio" in metrics:
+        parts.append(f"{metrics['compression_ratio']:.1f}x smaller")
+    log.info("%s%s: %s, %.1f s", role, f" ({how})" if how else "", ", ".join(parts), seconds)
+
 
 def _teacher_stage(ctx: _Context, loaded: dict[int, nn.Module]) -> nn.Module:
     """Train or load every teacher; several become one `TeacherEnsemble`."""
     cfg = ctx.cfg
     sections = [cfg.teacher, *cfg.teachers]
+    t0 = time.perf_counter()
     with ctx.child("teacher") as run:
         ctx.runs["teacher"] = run.info.run_id
+        ctx.log_inputs(*(LOADED_TEACHER_INPUTS if len(loaded) == len(sections) else TRAINED_TEACHER_INPUTS))
         members, uris = [], []
         for i, section in enumerate(sections):
             several = len(sections) > 1
             with ctx.child(f"teacher-{i}", role="teacher-member") if several else contextlib.nullcontext():
+                if several:
+                    ctx.log_inputs(*(LOADED_TEACHER_INPUTS if i in loaded else TRAINED_TEACHER_INPUTS))
                 if i in loaded:
                     model, uri = loaded[i]
                     mlflow.log_params({"model": "loaded", "uri": uri})
@@ -258,6 +290,11 @@ def _teacher_stage(ctx: _Context, loaded: dict[int, nn.Module]) -> nn.Module:
         teacher_uri = ",".join(uris)
         mlflow.set_tag(tracking.TAG_TEACHER_URI, teacher_uri)
         _log_evaluation(ctx, "teacher", evaluate(cfg, teacher, ctx.dm))
+    if len(sections) > 1:
+        how = f"ensemble of {len(sections)}, {cfg.distill.combine}"
+    else:
+        how = f"loaded {teacher_uri}" if loaded else "trained"
+    _summary("teacher", ctx.metrics["teacher"], time.perf_counter() - t0, how)
     ctx.lineage[tracking.TAG_TEACHER_URI] = teacher_uri
     mlflow.set_tag(tracking.TAG_TEACHER_URI, teacher_uri)
     ctx.models["teacher"] = teacher
@@ -393,8 +430,12 @@ class _Trainer:
     def evaluate(self, model: Any) -> dict[str, float]:
         return evaluate(self.cfg, model, self.dm).metrics
 
+    @contextlib.contextmanager
     def child_run(self, name: str, role: str, **tags: str):
-        return self.ctx.child(name, role=role, **tags)
+        """A strategy's nested run (a born-again generation): it distils on the transfer set too."""
+        with self.ctx.child(name, role=role, **tags) as run:
+            self.ctx.log_inputs(*STUDENT_INPUTS)
+            yield run
 
 
 def _student_stage(
@@ -404,10 +445,15 @@ def _student_stage(
     strategy = strategy_for(method_cfg)
     with ctx.child(role) as run:
         ctx.runs[role] = run.info.run_id
+        if role == "student":
+            ctx.log_inputs(*STUDENT_INPUTS, extra=True)
+        else:
+            ctx.log_inputs(*BASELINE_INPUTS)
         mlflow.log_params({**_Trainer(ctx).student_params(), **strategy.run_params()})
         student, seconds = strategy.train(_Trainer(ctx), teacher if strategy.needs_teacher else None, initial)
         ev = evaluate(cfg, student, ctx.dm)
         _log_evaluation(ctx, role, ev, {**_vs_teacher(ctx, ev), "train_time_s": seconds})
+        _summary(role, ctx.metrics[role], seconds, cfg.distill.method if role == "student" else "labels only")
         ctx.models[role] = student
         if role == "student":
             _register(ctx, student)
@@ -434,6 +480,7 @@ def run_distillation(
     extra: ExtraRows | None = None,
     tags: dict[str, str] | None = None,
     reference: ExtraRows | None = None,
+    extra_inputs: list[DatasetInput] | None = None,
 ) -> DistillResult:
     """Train (or load) the teacher, the labels-only baseline and the distilled student.
 
@@ -448,7 +495,10 @@ def run_distillation(
 
     `extra` rows join the transfer set (re-distillation: recent production inputs labelled by the
     teacher); `tags` go on the parent run and the registered version (why this run happened);
-    `reference` rows replace the val split as the reference stored for monitoring."""
+    `reference` rows replace the val split as the reference stored for monitoring;
+    `extra_inputs` are MLflow datasets that say where the `extra` rows came from (the production
+    window, `kd_ops.registry.datasets.production_window`), inputs of the student and parent runs.
+    Every run logs the splits it saw as MLflow dataset inputs (`kd_ops.registry.datasets`)."""
     from kd_ops.pipeline import inputs
 
     given_student = student
@@ -490,10 +540,28 @@ def run_distillation(
     }
     ctx = _Context(cfg, dm, dm.with_role("transfer"), experiment_id, lineage, dm.arrays("val")[0][:5])
     ctx.student_object = student
+    ctx.data = datasets.RunData(dm, lineage[tracking.TAG_DATASET], inputs.describe(data) if data is not None else None)
+    ctx.extra_inputs = list(extra_inputs or [])
     if reference is not None:
         ctx.reference_rows = (reference.x, reference.y)
 
     run_name = f"{dm.raw.name if data is not None else cfg.data.source_name}-{cfg.distill.method}-seed{cfg.seed}"
+    from kd_ops.serving.state import masked
+
+    uri = cfg.tracking.uri
+    n_extra = 0 if extra is None else len(extra.y)
+    log.info(
+        "distilling %s into experiment %r at %s: %d train, %d transfer%s, %d val, %d test rows",
+        run_name,
+        cfg.tracking.experiment,
+        masked(uri) if "://" in uri else uri,  # a password in a server URL never reaches a log
+        len(dm.splits.train),
+        len(dm.splits.transfer),
+        f" ({n_extra} of them extra)" if n_extra else "",
+        len(dm.splits.val),
+        len(dm.splits.test),
+    )
+    t0 = time.perf_counter()
     with (
         lineage_scope(**ctx.lineage),
         mlflow.start_run(
@@ -503,6 +571,7 @@ def run_distillation(
         ) as parent,
     ):
         ctx.runs["parent"] = parent.info.run_id
+        ctx.log_inputs(TRAINING, TRANSFER, VALIDATION, TEST, extra=True)
         mlflow.log_params(cfg.flat())
         objects = {"teacher": teacher, "student": given_student, "data": data}
         mlflow.log_params({f"api.{k}": inputs.describe(v) for k, v in objects.items() if v is not None})
@@ -537,9 +606,17 @@ def run_distillation(
             },
         )
         ctx.registered["alias"] = cfg.registry.alias
+        log.info(
+            "registered %s v%s as @%s (%s)",
+            cfg.registry.name,
+            ctx.registered["version"],
+            cfg.registry.alias,
+            ctx.registered["model_uri"],
+        )
         _gate_stage(ctx)
         _figures_and_card(ctx)
         mlflow.log_dict(ctx.metrics, "metrics.json")
+    log.info("distilled %s in %.1f s: parent run %s", run_name, time.perf_counter() - t0, ctx.runs["parent"])
 
     return DistillResult(
         ctx.metrics, ctx.runs, ctx.registered, cfg.tracking.uri, experiment_id, ctx.gates, ctx.models, dm
@@ -588,8 +665,11 @@ def _edge_stage(ctx: _Context) -> None:
             role = f"student-{candidate.name}"
             with ctx.child(role, role="edge", **{"kd_ops.edge_format": candidate.name}) as run:
                 ctx.runs[role] = run.info.run_id
+                ctx.log_inputs(TEST)
+                t0 = time.perf_counter()
                 ev = evaluate_candidate(candidate, ctx.dm, EvaluationSettings.from_config(ctx.cfg.evaluation))
                 _log_evaluation(ctx, role, ev, _vs_teacher(ctx, ev))
+                _summary(role, ctx.metrics[role], time.perf_counter() - t0, "export")
                 mlflow.log_artifact(str(path), "edge")
 
 
@@ -606,14 +686,19 @@ def _gate_stage(ctx: _Context) -> None:
     decisions = gates.check(cfg.gates, ctx.metrics["student"], specials)
     client = MlflowClient(cfg.tracking.uri)
     gates.record(decisions, client, ctx.runs["student"], reg["name"], reg["version"])
+    gates.log_decisions(decisions)
     ctx.gates = gates.as_json(decisions)
     reg["gates"] = "passed" if gates.all_passed(decisions) else "failed"
     reg["promoted"] = False
-    if cfg.registry.promote and gates.all_passed(decisions):
+    subject = f"{reg['name']} v{reg['version']}"
+    failed = [d.gate for d in decisions if not d.passed]
+    if failed:
+        log.info("%s stays @%s: gate(s) failed: %s", subject, cfg.registry.alias, ", ".join(failed))
+    elif not cfg.registry.promote:
+        log.info("%s stays @%s: gates passed, registry.promote is false", subject, cfg.registry.alias)
+    else:  # promote() says so, and which version was champion before
         promotion.promote(reg["name"], reg["version"], uri=cfg.tracking.uri)
         reg["promoted"] = True
-    for failed in (d for d in decisions if not d.passed):
-        log.warning("gate %s failed: %s", failed.gate, failed.tag_value())
     reg["champion"] = promotion.state(reg["name"], client).champion
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from kd_ops.config.experiment import ExperimentConfig
 from kd_ops.core.errors import ConfigError
 
-log = logging.getLogger("kd_ops")
+log = logging.getLogger(__name__)
 TAG_REDISTILL = "kd_ops.redistill.champion"  # on a re-distilled version: the champion it was made to replace
 TAG_TRIGGER = "kd_ops.redistill.trigger"
 
@@ -45,6 +45,8 @@ class ProductionSet:
     y: np.ndarray  # feedback label where one arrived, else the teacher's class
     from_feedback: np.ndarray  # bool per row
     holdout: np.ndarray  # bool per row: kept out of training, used to gate
+    times: tuple[str, str] | None = None  # first and last prediction of the window (UTC, ISO)
+    versions: tuple[str, ...] = ()  # the model versions that answered these rows
 
     def counts(self) -> dict[str, int]:
         return {
@@ -158,7 +160,47 @@ def production_set(
         )
     holdout = np.zeros(len(y), dtype=bool)
     holdout[np.random.default_rng(cfg.seed).permutation(len(y))[:n_holdout]] = True
-    return ProductionSet(x, y, from_feedback, holdout)
+    times = None
+    if "created_at" in frame:
+        stamps = frame["created_at"]
+        times = (stamps.min().isoformat(timespec="seconds"), stamps.max().isoformat(timespec="seconds"))
+    versions = tuple(sorted({str(v) for v in frame.get("model_version", [])}, key=_version_order))
+    return ProductionSet(x, y, from_feedback, holdout, times, versions)
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (10**9, version)
+
+
+def window_input(cfg: ExperimentConfig, prod: ProductionSet, dm: Any, champion: str) -> Any:
+    """The production window as an MLflow dataset input of the new student's run: the rows it
+    learned from (and was gated on), where they came from and how they were labelled."""
+    from kd_ops.registry.datasets import production_window, rows_schema
+    from kd_ops.serving.state import masked
+
+    counts = prod.counts()
+    n = max(counts["production_rows"], 1)
+    tags = {
+        "model_version": ",".join(prod.versions),
+        "champion": champion,
+        "feedback_labels": counts["feedback_labels"],
+        "teacher_labels": counts["teacher_labels"],
+        "feedback_share": f"{counts['feedback_labels'] / n:.3f}",
+        "teacher_share": f"{counts['teacher_labels'] / n:.3f}",
+        "holdout_rows": counts["holdout_rows"],
+    }
+    if prod.times is not None:
+        tags.update(window_start=prod.times[0], window_end=prod.times[1])
+    store = cfg.monitor.store
+    return production_window(
+        prod.x,
+        prod.y,
+        model_name=cfg.registry.name,
+        store=masked(store) if "://" in store else store,  # a database password never reaches MLflow
+        schema=rows_schema(dm),
+        classes=list(dm.class_names()),
+        tags=tags,
+    )
 
 
 def table_schema(dm: Any, champion_model: Any, name: str, champion: str) -> Any:
@@ -245,12 +287,29 @@ def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual") -> Redist
     prod = production_set(cfg, teachers, dm.n_features, dm.n_classes, table_schema(dm, champion_model, name, champion))
     train = ~prod.holdout
     hx, hy = prod.x[prod.holdout], prod.y[prod.holdout]
-    log.info("re-distilling %s (champion v%s) with %s", name, champion, prod.counts())
+    counts = prod.counts()
+    log.info(
+        "re-distilling %s (champion v%s): %d production rows%s%s, %d feedback-labelled, %d teacher-labelled;"
+        " %d join the transfer set, %d held out to gate",
+        name,
+        champion,
+        counts["production_rows"],
+        f" answered by v{', v'.join(prod.versions)}" if prod.versions else "",
+        f" from {prod.times[0]} to {prod.times[1]}" if prod.times else "",
+        counts["feedback_labels"],
+        counts["teacher_labels"],
+        int(train.sum()),
+        counts["holdout_rows"],
+    )
 
     tags = {TAG_REDISTILL: champion, TAG_TRIGGER: trigger[:250]}
     # The new version's reference is the held-out recent traffic it was made for.
     result = run_distillation(
-        recipe, extra=ExtraRows(prod.x[train], prod.y[train]), tags=tags, reference=ExtraRows(hx, hy)
+        recipe,
+        extra=ExtraRows(prod.x[train], prod.y[train]),
+        tags=tags,
+        reference=ExtraRows(hx, hy),
+        extra_inputs=[window_input(cfg, prod, dm, champion)],
     )
     version = result.registered["version"]
     try:
@@ -317,6 +376,7 @@ def _decide(
     ]
     decisions = [GateDecision(**g) for g in result.gates] + ours
     gates.record(decisions, client, result.runs["student"], name, version)
+    gates.log_decisions(ours)  # the config's gates were logged by the distillation
     run_id = result.runs["parent"]
     for part, values in accuracy.items():
         for model, value in values.items():

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -80,6 +80,9 @@ class PredictionLog:
         self.engine = engine
         self.rows_written = self.commits = self.failures = 0
         self.failing_commits, self.last_commit_error = 0, None  # failed commits in a row, and why (/health)
+        # Called on the loop with the seconds from each write's submission to its commit's
+        # acknowledgement (the server's commit-latency histogram); None: nothing measured.
+        self.on_commit: Callable[[float], None] | None = None
         self._loop = loop
         self._proc: subprocess.Popen | None = None
         self._transport: asyncio.Transport | None = None
@@ -178,10 +181,14 @@ class PredictionLog:
         if not self._ready.done():
             self._ready.set_result(msg)
             return
+        observe = self.on_commit
+        now = time.monotonic() if observe is not None else 0.0
         for jid in msg["ok"]:
             fut, n = self._pending.pop(jid, (None, 0))
-            self._sent_at.pop(jid, None)
+            sent = self._sent_at.pop(jid, None)
             self.rows_written += n
+            if observe is not None and sent is not None:
+                observe(now - sent)
             if fut is not None and not fut.done():  # a request cancelled meanwhile (client went away)
                 fut.set_result(None)
         for jid, why in msg["failed"].items():

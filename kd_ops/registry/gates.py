@@ -11,11 +11,14 @@ and as tags on the model version, so the registry says why a version was or was 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
 
 # Gates that are not a logged metric, with the only direction that makes sense for each.
 SPECIAL_GATES = {"slice_drop_vs_champion": "max"}
@@ -80,6 +83,19 @@ def all_passed(decisions: list[GateDecision]) -> bool:
 
 def as_json(decisions: list[GateDecision]) -> list[dict[str, Any]]:
     return [asdict(d) for d in decisions]
+
+
+def log_decisions(decisions: list[GateDecision]) -> None:
+    """One line per gate, a failed one as a warning: a flow's log then says why a version was or
+    was not promoted without opening the registry."""
+    for d in decisions:
+        shown = "n/a" if d.value is None else f"{d.value:.4g}"
+        note = f" ({d.note})" if d.note else ""
+        level = logging.INFO if d.passed else logging.WARNING
+        verdict = "passed" if d.passed else "FAILED"
+        log.log(
+            level, "gate %s %s: %s %s, threshold %s %.4g%s", d.gate, verdict, d.metric, shown, d.op, d.threshold, note
+        )
 
 
 def record(decisions: list[GateDecision], client: MlflowClient, run_id: str, name: str, version: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from kd_ops.core.errors import ConfigError
 from kd_ops.registry.gates import TAG_GATES
 from kd_ops.registry.tracking import open_tracking, sqlite_path
 
+log = logging.getLogger(__name__)
 CHAMPION = "champion"
 PREVIOUS = "previous"
 TAG_HISTORY = "kd_ops.champion_history"
@@ -135,6 +137,7 @@ def promote(name: str, version: str | int, force: bool = False, uri: str | None 
     with _model_lock(uri, name):
         current = _alias(client, name, CHAMPION)
         if current == version:
+            log.info("%s v%s is already @%s", name, version, CHAMPION)
             return state(name, client)
         history = _history(client, name) or ([current] if current else [])
         if current:
@@ -144,6 +147,10 @@ def promote(name: str, version: str | int, force: bool = False, uri: str | None 
         client.set_model_version_tag(name, version, "kd_ops.promoted_at", _now())
         if force and verdict != "passed":
             client.set_model_version_tag(name, version, "kd_ops.promoted_by", "force")
+        why = f"forced, gates {verdict or 'not recorded'}" if force and verdict != "passed" else "gates passed"
+        log.info(
+            "%s v%s is @%s now (%s; previous: %s)", name, version, CHAMPION, why, f"v{current}" if current else "none"
+        )
         return state(name, client)
 
 
@@ -168,4 +175,5 @@ def rollback(name: str, uri: str | None = None) -> AliasState:
         client.set_registered_model_tag(name, TAG_HISTORY, json.dumps(history or [previous]))
         if current:
             client.set_model_version_tag(name, current, "kd_ops.rolled_back_at", _now())
+        log.info("%s rolled back: v%s is @%s again (was v%s)", name, previous, CHAMPION, current)
         return state(name, client)

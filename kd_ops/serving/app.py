@@ -19,7 +19,8 @@ Layout: the routes are module-level functions on `router`; each gets the server'
 injected (`ServerStateDep`, read from `app.state.kd_ops`). `create_app(state)` only builds the
 app around them: title and version, lifespan (the alias watcher, closing the log), the Host
 middleware, the error handler, and the OpenAPI document carrying the served version's row width
-and class count.
+and class count. With metrics on (the default; `--no-metrics` off) it also adds `GET /metrics`
+(`metrics_router`) and the middleware counting every request (`kd_ops.serving.metrics`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Annotated, Any
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
 from kd_ops.core.errors import ConfigError
@@ -52,6 +54,7 @@ from kd_ops.prediction_log.store import (
     predictions,
 )
 from kd_ops.serving.hosts import LOOPBACK_NAMES, HostGuard
+from kd_ops.serving.metrics import MetricsMiddleware, ServeMetrics, count_rows
 from kd_ops.serving.schemas import (
     _FEEDBACK,
     _INVOCATIONS,
@@ -655,7 +658,7 @@ async def _predict_and_log(
         except LogError as exc:
             return _json_response({"detail": f"{exc}; the predictions were not served"}, 503)
         if state.shadow is not None:
-            state.shadow.offer(served.teacher_uri, ids, x, served.schema)
+            state.shadow.offer(served.teacher_uri, ids, x, served.schema, probs)
     state.served_rows += len(ids)
     return ids, probs
 
@@ -738,6 +741,7 @@ async def predict(request: Request, state: ServerStateDep) -> Response:
     req = _parse(_PREDICT, await _json_body(request, state.settings.max_body_bytes))
     served = state.current  # one version for the whole request, whatever the watcher does meanwhile
     key, given = _predict_input(req, served)
+    count_rows(request, len(given))
     records = None
     if key == "records":
         records = given
@@ -776,6 +780,7 @@ async def invocations(request: Request, state: ServerStateDep) -> Response:
     req = _parse(_INVOCATIONS, await _json_body(request, state.settings.max_body_bytes))
     served = state.current
     key = _invocation_format(req)
+    count_rows(request, len(req.dataframe_split.data) if key == "dataframe_split" else len(getattr(req, key)))
     records = None
     if served.schema is not None:
         if key == "dataframe_split":
@@ -815,6 +820,7 @@ async def post_feedback(request: Request, state: ServerStateDep) -> Response:
     body = await _json_body(request, state.settings.max_body_bytes)  # read first: a 401 then reaches the client
     _check_token(request, state.settings.token)
     req = _parse(_FEEDBACK, body)
+    count_rows(request, len(req.labels))
     if state.log is None:
         raise RequestError(409, "labels", "labels: the prediction log is off (--no-log), so no prediction can be found")
     plog = state.log
@@ -900,11 +906,45 @@ async def model(state: ServerStateDep) -> Response:
     return _json_response(state.current.describe())
 
 
+# Included by `create_app` only with metrics on: with `--no-metrics`, /metrics is a 404.
+metrics_router = APIRouter()
+
+
+@metrics_router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        # Written out: with a text route, FastAPI would document the JSON error body as text/plain.
+        400: {
+            "description": "the Host header names no host this server answers to (--allowed-host)",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        },
+        200: {
+            "description": "the Prometheus text format (OpenMetrics when the Accept header asks for it)",
+            "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/openmetrics-text": {"schema": {"type": "string"}},
+            },
+        },
+    },
+)
+async def metrics(request: Request) -> Response:
+    """The server's Prometheus metrics (`kd_ops.serving.metrics` lists the series): requests and
+    rows by route and status, latency, the served version, alias swaps, the log's queue, commits
+    and failures, shadow agreement. No token: it changes nothing, and it shows no input, no token
+    and no URL (the Host header guard applies as everywhere)."""
+    body, content_type = request.app.state.kd_ops_metrics.render(request.headers.get("accept", ""))
+    return Response(body, media_type=content_type)
+
+
 # -- the app --------------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Watch the alias while the server runs; at shutdown stop the watcher and close the log."""
     state: ServerState = app.state.kd_ops
+    metrics: ServeMetrics | None = getattr(app.state, "kd_ops_metrics", None)
+    if metrics is not None and state.log is not None:  # opened before the server starts (`server.serve`)
+        state.log.on_commit = metrics.observe_commit
     watcher = asyncio.create_task(state.watch())
     try:
         yield
@@ -960,9 +1000,15 @@ def create_app(state: ServerState, allowed_hosts: frozenset[str] | None = LOOPBA
         lifespan=lifespan,
     )
     app.state.kd_ops = state
-    # Outermost: a refused Host never reaches a route, so nothing it sent is parsed or logged.
+    # A refused Host never reaches a route, so nothing it sent is parsed or logged.
     app.add_middleware(HostGuard, allowed=allowed_hosts, drain_bytes=s.max_body_bytes)
     app.add_exception_handler(RequestError, _client_error)  # type: ignore[arg-type]
     app.include_router(router)
+    if s.metrics:
+        app.include_router(metrics_router)
+        paths = [r.path for r in (*router.routes, *metrics_router.routes)]  # FastAPI's docs: by their route
+        app.state.kd_ops_metrics = ServeMetrics(state, paths)
+        # Added last, so outermost: requests the Host guard refuses are counted too.
+        app.add_middleware(MetricsMiddleware, metrics=app.state.kd_ops_metrics)
     app.openapi = _served_openapi(app)  # type: ignore[method-assign]
     return app

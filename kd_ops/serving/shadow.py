@@ -78,21 +78,30 @@ class ShadowScorer:
         self.log = prediction_log
         self.override_uri = teacher_uri
         self.offered = self.scored = self.dropped = self.failed = 0
+        self.agreed = 0  # scored rows where the teacher's class is the student's (of those offered with it)
         self.last_error: str | None = None
         self.off: str | None = None  # why the shadow scores nothing (a teacher that cannot be loaded)
         self._warned: set[str] = set()
         self._rng = random.Random(seed)
-        self._queue: queue.Queue[tuple[str, list[str], np.ndarray, TableSchema | None] | None] = queue.Queue(
-            maxsize=queue_size
+        self._queue: queue.Queue[tuple[str, list[str], np.ndarray, TableSchema | None, np.ndarray | None] | None] = (
+            queue.Queue(maxsize=queue_size)
         )
         self._teachers: dict[tuple[str, Any], Proba] = {}
         self._failed_at: dict[tuple[str, Any], float] = {}
         self._thread = threading.Thread(target=self._run, name="kd-ops-shadow", daemon=True)
         self._thread.start()
 
-    def offer(self, teacher_uri: str | None, ids: list[str], x: np.ndarray, schema: TableSchema | None = None) -> None:
+    def offer(
+        self,
+        teacher_uri: str | None,
+        ids: list[str],
+        x: np.ndarray,
+        schema: TableSchema | None = None,
+        student_probs: np.ndarray | None = None,
+    ) -> None:
         """Called on the request path after the predictions are committed: O(1), never blocks.
-        `x`: the rows the student scored (encoded, for a table student, whose `schema` it is)."""
+        `x`: the rows the student scored (encoded, for a table student, whose `schema` it is);
+        `student_probs`: its probabilities, to count agreement (`agreed`) in the worker thread."""
         uri = self.override_uri or teacher_uri
         if not uri or self._rng.random() >= self.fraction:
             return
@@ -100,7 +109,7 @@ class ShadowScorer:
             return
         self.offered += 1
         try:
-            self._queue.put_nowait((uri, ids, x, schema))
+            self._queue.put_nowait((uri, ids, x, schema, student_probs))
         except queue.Full:
             self.dropped += 1  # the teacher cannot keep up: sample fewer rather than slow the student
 
@@ -147,7 +156,7 @@ class ShadowScorer:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            uri, ids, x, schema = item
+            uri, ids, x, schema, student_probs = item
             teacher = self._teacher(uri, schema)
             if teacher is None:
                 self.failed += len(ids)
@@ -167,6 +176,8 @@ class ShadowScorer:
                 ]
                 self.log.write(shadow, rows)
                 self.scored += len(ids)
+                if student_probs is not None:  # the same argmax as the answer's class
+                    self.agreed += int((probs.argmax(axis=1) == student_probs.argmax(axis=1)).sum())
             except Exception as exc:  # noqa: BLE001
                 self.failed += len(ids)
                 self.last_error = first_line(exc)
@@ -186,11 +197,16 @@ class ShadowScorer:
         if self._thread.is_alive():
             log.warning("shadow: %d queued requests left unscored at shutdown", self._queue.qsize())
 
+    def queued(self) -> int:
+        """Requests waiting for the teacher."""
+        return self._queue.qsize()
+
     def stats(self) -> dict[str, Any]:
         return {
             "fraction": self.fraction,
             "offered": self.offered,
             "scored_rows": self.scored,
+            "agreed_rows": self.agreed,
             "dropped_requests": self.dropped,
             "failed_rows": self.failed,
             "queued": self._queue.qsize(),

@@ -48,6 +48,8 @@ class ServeSettings:
     allow_pickle: bool = False
     # Host header names answered besides the bound host (and, bound to loopback, the loopback names).
     allowed_hosts: list[str] = field(default_factory=list)
+    # Prometheus metrics at /metrics (`--no-metrics`: no route and no instrumentation at all).
+    metrics: bool = True
 
     def check(self) -> None:
         if not 0.0 <= self.shadow_fraction <= 1.0:

@@ -297,3 +297,75 @@ def test_transient_errors_are_told_apart():
     assert is_transient(
         RuntimeError("API request to endpoint /api/2.0/mlflow/runs/get failed with error code 503 != 200")
     )
+
+
+def _flow_run_record(run_id):
+    """The flow run, its artifacts and its logs as the Prefect UI reads them from the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        deadline = time.monotonic() + 30
+        while True:  # Prefect sends logs in batches: the last ones may land just after the run ends
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            if any(entry.name.startswith(("kd_ops", "monitors")) for entry in logs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    return (
+        run,
+        {a.type: a for a in artifacts if a.key and not a.key.endswith(("-metrics", "-accuracy"))},
+        artifacts,
+        logs,
+    )
+
+
+def test_flow_runs_say_what_they_did_in_the_prefect_ui(harness, loop, recently_redistilled):
+    """Each flow run is named for what it did and holds its result as artifacts (verdict and
+    reasons with links to the Evidently report; gates and decision) and kd-ops' own log lines."""
+    from flows.monitor import monitor_flow
+    from flows.redistill import redistill_flow
+
+    workspace = loop["root"] / "evidently"
+    state = monitor_flow(loop["config"], [f"monitor.workspace={workspace}"], return_state=True)
+    result = state.result()
+    run, main, artifacts, logs = _flow_run_record(state.state_details.flow_run_id)
+    assert run.name == f"monitor {NAME} v{result['model_version']}: alert"
+    report = main["markdown"].data
+    assert f"# monitor {NAME} v{result['model_version']}: alert" in report
+    assert result["evidently"]["dashboard"] and result["evidently"]["dashboard"] in report
+    assert result["evidently"]["links"]["drift"] in report and "drift_share" in report
+    (table,) = [a for a in artifacts if a.type == "table"]
+    assert "drift_share" in str(table.data)
+    messages = [(entry.name, entry.message) for entry in logs]
+    assert any(name == "monitors.monitor" and "alert" in message for name, message in messages), messages
+
+    state = redistill_flow(
+        loop["config"],
+        ["redistill.min_recent_gain=1.01"],
+        trigger="drift alert on v1: test",
+        ignore_cooldown=True,
+        return_state=True,
+    )
+    out = state.result()
+    run, main, artifacts, logs = _flow_run_record(state.state_details.flow_run_id)
+    before, candidate = out["champion_before"], out["candidate_version"]
+    assert run.name == f"redistill {NAME}: v{candidate} not promoted, v{before} stays champion"
+    report = main["markdown"].data
+    assert "trigger: drift alert on v1: test" in report and "min_recent_gain_vs_champion" in report
+    assert "**FAIL**" in report and f"#/models/{NAME}/versions/{out['candidate_version']}" in report
+    assert any(entry.name.startswith("kd_ops") for entry in logs), [entry.name for entry in logs]
+    assert not any("://" in entry.message and ":***@" not in entry.message and "@" in entry.message for entry in logs)
+
+
+def test_a_password_in_a_url_never_reaches_the_prefect_logs():
+    import logging
+
+    from flows.reporting import _MaskPasswords
+
+    record = logging.LogRecord(
+        "kd_ops.x", logging.INFO, __file__, 1, "store %s", ("postgresql://kd:s3cret@db/x",), None
+    )
+    assert _MaskPasswords().filter(record)
+    assert record.getMessage() == "store postgresql://kd:***@db/x" and "s3cret" not in record.getMessage()

@@ -69,6 +69,7 @@ def _config(deployed, receiver, **monitor) -> str:
 
 def test_monitor_records_alerts_and_dedupes(deployed, capsys, tracking_uri):
     import mlflow
+    from evidently.core.report import Snapshot
     from evidently.ui.workspace import Workspace
 
     from kd_ops.cli.main import main
@@ -89,17 +90,54 @@ def test_monitor_records_alerts_and_dedupes(deployed, capsys, tracking_uri):
         assert run.data.tags["kd_ops.monitor.model_version"] == deployed["result"].registered["version"]
         assert run.data.metrics["drift_share"] == pytest.approx(out["metrics"]["drift_share"])
         files = {f.path for f in mlflow.MlflowClient(tracking_uri).list_artifacts(out["run_id"], "evidently")}
-        assert files == {f"evidently/{kind}.{ext}" for kind in ("drift", "quality") for ext in ("html", "json")}
+        kinds = ("drift", "quality", "summary")
+        assert files == {f"evidently/{kind}.{ext}" for kind in kinds for ext in ("html", "json")}
 
         ws = Workspace(str(deployed["root"] / "workspace"))
         (project,) = [p for p in ws.list_projects() if p.name == "kd-ops monitor-student"]
-        assert len(ws.list_runs(project.id)) == 2  # the drift and the quality report of this window
+        runs = ws.list_runs(project.id)
+        assert len(runs) == 3  # the drift, quality and summary reports of this window
+        assert set(out["evidently"]["snapshots"]) == set(kinds) and out["evidently"]["project_id"] == str(project.id)
+        assert out["evidently"]["links"]["drift"].endswith(f"/reports/{out['evidently']['snapshots']['drift']}")
+        assert run.data.tags["kd_ops.evidently.project"] == str(project.id)
+        stored = {ws.get_run(project.id, r).name.split(":")[0]: ws.get_run(project.id, r) for r in runs}
+        version = deployed["result"].registered["version"]
+        for kind, snap in stored.items():
+            assert {"kd-ops", kind, "alert", f"v{version}"} <= set(snap.tags)
+            assert snap.metadata["verdict"] == "alert" and snap.metadata["rows"] == "600"
+            assert snap.metadata["model"] == "monitor-student" and snap.metadata["model_version"] == version
+            assert "drift_share" in snap.metadata["reasons"] and snap.metadata["mlflow_run_id"] == out["run_id"]
+            assert snap.timestamp.isoformat().startswith(snap.metadata["window_end"][:19])
+        # The summary's MeanValue figures are the monitor's own numbers
+        summary = {
+            m["config"].get("column"): m["value"] for m in Snapshot.load_model(stored["summary"]).dict()["metrics"]
+        }
+        assert summary["accuracy (labelled rows)"] == pytest.approx(out["metrics"]["accuracy"])
+        assert summary["estimated accuracy (confidence, ATC)"] == pytest.approx(out["metrics"]["estimated_accuracy"])
+        assert summary["verdict"] == 2 and summary["served version"] == int(version)
+        slices = [k for k in summary if k and k.startswith("slice accuracy ink=")]
+        assert slices and all(
+            summary[k] == pytest.approx(out["metrics"][f"accuracy_slice_ink_{k.split('=')[1]}"]) for k in slices
+        )
+
+        dashboard = ws.get_dashboard(project.id)
+        (tab,) = [t for t in dashboard.tabs if t.title == "kd-ops monitor"]
+        titles = {p.title for p in dashboard.panels if p.id in tab.panels}
+        assert {
+            "Verdict per window",
+            "Input drift: share of drifted columns",
+            "Accuracy per slice (labelled rows)",
+        } <= titles
+        panels_before = len(dashboard.panels)
 
         # The same drift in the next window: recorded again, but the hook is not called again.
         assert main(["monitor", config, "--json", "--window-rows", "400"]) == 0
         again = json.loads(capsys.readouterr().out)
         assert again["window"]["rows"] == 400 and again["window"]["alert_hooks"]["suppressed"]
         assert len(receiver.requests) == 1
+        # The dashboard is kept, not added again; the new window's reports join the project
+        assert len(ws.get_dashboard(project.id).panels) == panels_before
+        assert len(ws.list_runs(project.id)) == 3 + len(again["evidently"]["snapshots"])
     finally:
         receiver.close()
 

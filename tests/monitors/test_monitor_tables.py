@@ -19,26 +19,22 @@ from kd_ops.prediction_log.store import feedback, open_store, predictions
 from monitors.decision import judge
 from monitors.window import WindowError, load_window, window_from_frame
 
-from ..conftest import churn_raw, client_records, table_log_rows
-
-NAME = "churn-monitor"
+from ..conftest import client_records, table_log_rows
+from ..tables_fixtures import CHURN_NAME as NAME
 
 
 @pytest.fixture(scope="module")
-def churn(tmp_path_factory, tracking_uri):
-    """A churn student (LightGBM teacher, registered as a kd-ops table model) and its reference."""
-    from kd_ops.config.loading import config_from_dict
+def churn(churn_champion, tracking_uri):
+    """The session's churn student (LightGBM teacher, registered as a kd-ops table model) and its reference."""
     from kd_ops.models.loading import load_model
-    from kd_ops.pipeline.distillation import run_distillation
+    from kd_ops.registry.tracking import open_tracking
 
-    root = tmp_path_factory.mktemp("churn-monitor")
-    raw = churn_raw(tracking_uri, root, NAME, "tables", monitor={"workspace": None})
-    result = run_distillation(config_from_dict(raw, "churn"))
-    version = result.registered["version"]
+    open_tracking(tracking_uri)  # models:/ URIs (and served_schema below) resolve in the session's MLflow
+    result, version = churn_champion.result, churn_champion.version
     dm = result.datamodule
     return {
-        "raw": raw,
-        "root": root,
+        "raw": churn_champion.raw,
+        "root": churn_champion.root,
         "result": result,
         "version": version,
         "model": load_model(f"models:/{NAME}/{version}"),

@@ -11,33 +11,30 @@ import pytest
 from kd_ops.core.errors import ConfigError
 from kd_ops.pipeline.redistill import logged_rows
 
-from ..conftest import churn_raw, table_log_rows
-
-NAME = "churn-redistill"
+from ..conftest import table_log_rows
+from ..tables_fixtures import CHURN_NAME as NAME
 
 
 @pytest.fixture(scope="module")
-def champion(tmp_path_factory, tracking_uri):
-    """A churn champion, and a log of 400 of its answers on shifted traffic (two unseen payment
-    methods among them), every other row with a feedback label."""
+def champion(churn_champion, tmp_path_factory):
+    """The session's churn student as @champion, and a log of 400 of its answers on shifted traffic
+    (two unseen payment methods among them), every other row with a feedback label."""
     from kd_ops.config.loading import config_from_dict
     from kd_ops.models.loading import load_model
-    from kd_ops.pipeline.distillation import run_distillation
     from kd_ops.prediction_log.feedback import feedback_rows
     from kd_ops.prediction_log.store import feedback, open_store, predictions
 
     root = tmp_path_factory.mktemp("redistill-tables")
     store = f"sqlite:///{root}/predictions.db"
-    raw = churn_raw(
-        tracking_uri,
-        root,
-        NAME,
-        "redistill-tables",
-        monitor={"store": store, "workspace": None},
-        redistill={"production_rows": 400, "max_reference_drop": 1.0, "min_recent_gain": -1.0},
-    )
+    raw = {
+        **churn_champion.raw,
+        "tracking": {**churn_champion.raw["tracking"], "experiment": "redistill-tables"},
+        "monitor": {"store": store, "workspace": None},
+        "redistill": {"production_rows": 400, "max_reference_drop": 1.0, "min_recent_gain": -1.0},
+    }
     cfg = config_from_dict(raw, "churn")
-    result = run_distillation(cfg)
+    churn_champion.pin_champion()  # also points this process's MLflow at the session's store
+    result = churn_champion.result
     dm = result.datamodule
     rows = np.concatenate([dm.splits.test, dm.splits.val])[:400]
     frame = dm.table.frame.iloc[rows].reset_index(drop=True)

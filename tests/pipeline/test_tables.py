@@ -188,12 +188,19 @@ def user_models(tmp_path_factory, churn_frame):
     lgbm = lgb.LGBMClassifier(n_estimators=40, verbose=-1).fit(x, y)
     xgbm = xgb.XGBClassifier(n_estimators=30, enable_categorical=True, tree_method="hist").fit(x, y)
     mlflow.set_experiment("user-models")
+    # Requirements named, as a user's project would: left out, MLflow infers them by loading each
+    # model in a subprocess of its own (seconds each), which nothing here reads.
+    lgbm_req, xgb_req = [f"lightgbm=={lgb.__version__}"], [f"xgboost=={xgb.__version__}"]
     with mlflow.start_run():
-        mlflow.lightgbm.log_model(lgbm.booster_, name="booster", registered_model_name="user-lgbm")
-        pickled = mlflow.lightgbm.log_model(lgbm, name="sklearn_api").model_uri
-        mlflow.xgboost.log_model(xgbm, name="xgb", registered_model_name="user-xgb")
+        mlflow.lightgbm.log_model(
+            lgbm.booster_, name="booster", registered_model_name="user-lgbm", pip_requirements=lgbm_req
+        )
+        pickled = mlflow.lightgbm.log_model(lgbm, name="sklearn_api", pip_requirements=lgbm_req).model_uri
+        mlflow.xgboost.log_model(xgbm, name="xgb", registered_model_name="user-xgb", pip_requirements=xgb_req)
         pyfunc = ProbabilitiesModel(lgbm)
-        mlflow.pyfunc.log_model(name="pyfunc", python_model=pyfunc, registered_model_name="user-pyfunc")
+        mlflow.pyfunc.log_model(
+            name="pyfunc", python_model=pyfunc, registered_model_name="user-pyfunc", pip_requirements=lgbm_req
+        )
     return uri, pickled
 
 
@@ -247,10 +254,11 @@ def test_feature_losses_need_a_network_teacher(tmp_path, churn_frame):
         run_distillation(config_from_dict(raw), data=churn_frame)
 
 
-def test_a_dataframe_missing_a_column_of_the_registered_model_names_it(tmp_path, churn_frame):
-    cfg = config_from_dict(_raw(tmp_path, "first", data={"label": "churn"}, teacher={"params": {"n_estimators": 30}}))
-    first = run_distillation(cfg, data=churn_frame)
+def test_a_dataframe_missing_a_column_of_the_registered_model_names_it(tmp_path, churn_frame, churn_champion):
+    first = churn_champion.result  # a kd-ops table model of the churn table's columns, registered
+    assert set(first.datamodule.schema.names) == set(churn_frame.columns) - {"churn"}
     raw = _raw(tmp_path, "second", data={"label": "churn"}, teacher={"uri": first.registered["model_uri"]})
+    raw["tracking"]["uri"] = churn_champion.tracking_uri  # where that model's URI resolves
     with pytest.raises(ConfigError, match=r"teacher.uri = .*column 'tenure' is missing"):
         run_distillation(config_from_dict(raw), data=churn_frame.drop(columns=["tenure"]))
 

@@ -40,6 +40,7 @@ OPERATIONS = [
     ("POST", "/feedback"),
     ("GET", "/health"),
     ("GET", "/model"),
+    ("GET", "/metrics"),
 ]
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
     (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if m == "POST"  # a GET without parameters has none

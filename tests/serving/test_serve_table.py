@@ -21,43 +21,26 @@ import requests
 from hypothesis import HealthCheck, given, settings
 
 from ..servers import ServerProcess, free_port
+from ..tables_fixtures import CHURN_NAME as NAME
 
 pytestmark = pytest.mark.slow
 
-NAME = "serve-churn"
 TOKEN = "table-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def churn(tmp_path_factory):
-    """One churn student, registered as NAME@champion, and test records in the user's own types."""
-    import mlflow
+def churn(churn_champion):
+    """The session's churn student as NAME@champion, and test records in the user's own types."""
+    from kd_ops.registry.tracking import open_tracking
 
-    from kd_ops.config import config_from_dict
-    from kd_ops.pipeline.distillation import run_distillation
-
-    root = tmp_path_factory.mktemp("churn")
-    uri = f"sqlite:///{root}/mlflow.db"
-    cfg = config_from_dict(
-        {
-            "data": {"name": "churn", "rows": 1500},
-            "student": {"epochs": 2},
-            "tracking": {"uri": uri},
-            "registry": {"name": NAME},
-            "evaluation": {"latency_repeats": 5, "throughput_repeats": 2, "throughput_batches": [1, 32]},
-            "train": {"progress_bar": False},
-            "distill": {"cache": {"dir": str(root / "cache")}},
-        }
-    )
-    result = run_distillation(cfg)
-    version = result.registered["version"]
-    client = mlflow.MlflowClient(uri)
-    client.set_registered_model_alias(NAME, "champion", version)  # whatever the gates said: serve this one
+    churn_champion.pin_champion()  # whatever the gates (or a re-distillation) said: serve this one
+    result, version = churn_champion.result, churn_champion.version
+    client = open_tracking(churn_champion.tracking_uri)
     frame = result.datamodule.table.frame.reset_index(drop=True).iloc[:40]
     teacher_uri = client.get_model_version(NAME, version).tags["kd_ops.teacher_model_uri"]
     return {
-        "uri": uri,
+        "uri": churn_champion.tracking_uri,
         "version": version,
         "model_uri": result.registered["model_uri"],
         "frame": frame,
