@@ -105,9 +105,7 @@ def run_link(cfg: ExperimentConfig, run_id: str | None, experiment_id: str | Non
     if not run_id:
         return "-"
     if experiment_id is None:
-        import mlflow
-
-        experiment_id = mlflow.MlflowClient(cfg.tracking.uri).get_run(run_id).info.experiment_id
+        experiment_id = _experiment_of(cfg, run_id)
     return f"[{run_id[:8]}]({mlflow_ui(cfg)}/#/experiments/{experiment_id}/runs/{run_id})"
 
 

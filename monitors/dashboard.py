@@ -31,7 +31,7 @@ server (`RemoteWorkspace`); `monitor.workspace_url` is where users open the UI, 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -259,19 +259,18 @@ class Published:
     dashboard: str  # URL of the project's dashboard
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "project_id": self.project_id,
-            "snapshots": self.snapshots,
-            "links": self.links,
-            "dashboard": self.dashboard,
-        }
+        return asdict(self)
+
+
+def _is_server(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
 
 
 def open_workspace(location: str) -> Any:
     """Evidently's local workspace at a path, or the Evidently UI server at an http(s) URL."""
     from evidently.ui.workspace import RemoteWorkspace, Workspace
 
-    if location.startswith(("http://", "https://")):
+    if _is_server(location):
         return RemoteWorkspace(location)
     return Workspace.create(location)
 
@@ -289,7 +288,7 @@ def publish(result: MonitorResult, cfg: MonitorConfig, schema: Any | None = None
             name, description=f"kd-ops monitor windows of the registered model {result.model_name}"
         )
     ensure_dashboard(ws, project.id, panels(result, schema))
-    ui = cfg.workspace if cfg.workspace.startswith(("http://", "https://")) else cfg.workspace_url
+    ui = cfg.workspace if _is_server(cfg.workspace) else cfg.workspace_url
     base = (ui or "").rstrip("/")
     ids, links = {}, {}
     for kind, snapshot in result.snapshots.items():
