@@ -29,10 +29,11 @@ def main(path: str, n: int) -> None:
     ref = frame(data["ref_probs"], data["ref_labels"])
     classes = data["ref_probs"].shape[1]
     estimator = nml.CBPE(
-        y_pred_proba={k: f"p{k}" for k in range(classes)},
+        # two classes: CBPE's binary form, on the probability of class 1
+        y_pred_proba="p1" if classes == 2 else {k: f"p{k}" for k in range(classes)},
         y_pred="y_pred",
         y_true="y_true",
-        problem_type="classification_multiclass",
+        problem_type="classification_binary" if classes == 2 else "classification_multiclass",
         metrics=["accuracy"],
         chunk_number=1,
     )

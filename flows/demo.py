@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,18 +110,60 @@ def _monitor(name: str, log: Path) -> None:
         raise RuntimeError(f"monitor run {run.name} ended {run.state and run.state.name}; see {log}")
 
 
-def _latest_monitor(tracking_uri: str, experiment: str) -> tuple[str, list[str]]:
+def _latest_monitor(cfg: Any) -> tuple[str, list[str]]:
     """Status and reasons of the newest monitor run (the flow ran in the deploy process)."""
-    import mlflow
+    from flows.replay import latest_monitor_result, monitor_summary
 
-    client = mlflow.MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(f"{experiment}-monitor")
-    run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
-    result = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/monitor_result.json")
-    return result["status"], [f"{r['status']}: {r['message']}" for r in result["reasons"]]
+    verdict = monitor_summary(latest_monitor_result(cfg))
+    return verdict["status"], verdict["reasons"]
 
 
-def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool = False) -> int:
+@dataclass
+class Stack:
+    """The demo's servers and what the first distillation made: a Prefect server, the champion,
+    `kd-ops deploy` serving the monitor and redistill deployments, `kd-ops serve` on the champion."""
+
+    root: Path
+    config_path: str
+    overrides: list[str]
+    tracking_uri: str
+    store: str
+    prefect_port: int
+    services: list[Service] = field(default_factory=list)
+    cfg: Any = None
+    distilled: dict[str, Any] = field(default_factory=dict)
+    url: str = ""
+    redistill_id: Any = None
+    deploy_log: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.registry.name
+
+    @property
+    def first_version(self) -> str:
+        return str(self.distilled["registered"]["version"])
+
+    def stop(self, keep_prefect: bool = False) -> None:
+        for service in reversed(self.services):
+            if keep_prefect and service is self.services[0]:
+                continue
+            service.stop()
+
+    def hints(self, keep_prefect: bool) -> None:
+        """Where to look at what the demo made."""
+        bin_dir = Path(sys.executable).parent
+        kd = bin_dir.relative_to(Path.cwd()) if bin_dir.is_relative_to(Path.cwd()) else bin_dir
+        _say("\nopen what it made:")
+        _say(f"   {kd}/mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000")
+        if keep_prefect:
+            _say(f"   the Prefect UI is still up: http://127.0.0.1:{self.prefect_port}")
+        else:
+            _say(f"   PREFECT_HOME={self.root / 'prefect'} {kd}/prefect server start --host 127.0.0.1 --port 4200")
+        _say(f"   {kd}/evidently ui --workspace {self.root / 'evidently'} --host 127.0.0.1 --port 8000")
+
+
+def _fresh_dir(directory: str) -> Path:
     root = Path(directory).resolve()
     marker = root / ".kd-ops-demo"
     if root.exists() and any(root.iterdir()) and not marker.exists():
@@ -129,6 +172,13 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
         shutil.rmtree(root)  # the previous demo's: each demo starts from nothing
     root.mkdir(parents=True)
     marker.touch()
+    return root
+
+
+def start_stack(config_path: str, directory: str, clock: _Clock, overrides: list[str] | None = None) -> Stack:
+    """Steps 1-4 of every demo (see the module docstring); the caller stops the stack. A first
+    student that fails its gates is a `RuntimeError`: there is nothing to serve."""
+    root = _fresh_dir(directory)
     prefect_home = root / "prefect"
     tracking_uri = f"sqlite:///{root}/mlflow.db"
     store = f"sqlite:///{root}/predictions.db"
@@ -137,6 +187,7 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
         f"monitor.store={store}",
         f"monitor.workspace={root / 'evidently'}",
         f"monitor.alerts.state_file={root / 'alerts.json'}",
+        *(overrides or []),
     ]
     prefect_port, serve_port = free_port(), free_port()
     quiet = quiet_requested()
@@ -153,15 +204,14 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
     }
     os.environ.update(env)  # before Prefect is imported here: its settings are read once
     python = sys.executable
-    services: list[Service] = []
-    clock = _Clock()
+    stack = Stack(root, config_path, overrides, tracking_uri, store, prefect_port)
     try:
         _say(f"1. Prefect server on 127.0.0.1:{prefect_port} (database in {prefect_home})")
         prefect_server = Service(
             [python, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
             root / "prefect-server.log",
         )
-        services.append(prefect_server)
+        stack.services.append(prefect_server)
         prefect_server.wait_healthy(f"{env['PREFECT_API_URL']}/health", lambda r: r.ok, timeout=120)
         clock.stage("prefect server")
 
@@ -170,67 +220,67 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
         warnings.filterwarnings("ignore")
         from flows.distill import distill_flow
         from kd_ops.config.loading import load_config
-        from kd_ops.data.datamodule import DistillDataModule
-        from kd_ops.data.scenarios import sample
-        from kd_ops.models.loading import load_model
-        from kd_ops.pipeline.redistill import predict_classes
 
-        cfg = load_config(config_path, overrides)
+        stack.cfg = cfg = load_config(config_path, overrides)
         name = cfg.registry.name
         _say(f"2. distill flow: {config_path} -> {name}")
-        out = distill_flow(config_path, overrides)
+        out = stack.distilled = distill_flow(config_path, overrides)
         reg = out["registered"]
         _say(
             f"   {name} v{reg['version']}: accuracy {out['student']['test_accuracy']:.3f} (teacher "
             f"{out['teacher']['test_accuracy']:.3f}), gates {reg['gates']}, champion v{reg['champion']}"
         )
         if str(reg.get("champion")) != str(reg["version"]):
-            _say("   the first student did not pass its gates: nothing to serve")
-            return 1
+            raise RuntimeError("the first student did not pass its gates: nothing to serve")
         clock.stage("distill")
 
         _say("3. kd-ops deploy: monitor and redistill deployments")
+        stack.deploy_log = root / "deploy.log"
         deploy = Service(
             [python, "-m", "kd_ops", "deploy", config_path, *sum((["--set", o] for o in overrides), [])],
-            root / "deploy.log",
+            stack.deploy_log,
         )
-        services.append(deploy)
-        monitor_name, redistill_name = f"kd-ops-monitor/{name}", f"kd-ops-redistill/{name}"
-        _deployment_id(monitor_name, deploy)
-        redistill_id = _deployment_id(redistill_name, deploy)
+        stack.services.append(deploy)
+        _deployment_id(f"kd-ops-monitor/{name}", deploy)
+        stack.redistill_id = _deployment_id(f"kd-ops-redistill/{name}", deploy)
         clock.stage("deploy")
 
         _say(f"4. kd-ops serve {name} on 127.0.0.1:{serve_port}")
         server = Service(
-            [
-                python,
-                "-m",
-                "kd_ops",
-                "serve",
-                name,
-                "--port",
-                str(serve_port),
-                "--store",
-                store,
-                "--tracking-uri",
-                tracking_uri,
-                "--poll-interval",
-                "2",
-            ],
+            [python, "-m", "kd_ops", "serve", name, "--port", str(serve_port), "--store", store]
+            + ["--tracking-uri", tracking_uri, "--poll-interval", "2"],
             root / "serve.log",
         )
-        services.append(server)
-        url = f"http://127.0.0.1:{serve_port}"
-        server.wait_healthy(f"{url}/health", lambda r: r.ok, timeout=120)
+        stack.services.append(server)
+        stack.url = f"http://127.0.0.1:{serve_port}"
+        server.wait_healthy(f"{stack.url}/health", lambda r: r.ok, timeout=120)
         clock.stage("serve")
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
 
+
+def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool = False) -> int:
+    """The loop on drift made here (a scenario of `kd_ops.data.scenarios`), no new label sent."""
+    clock = _Clock()
+    stack = start_stack(config_path, directory, clock)
+    try:
+        from kd_ops.data.datamodule import DistillDataModule
+        from kd_ops.data.scenarios import sample
+        from kd_ops.models.loading import load_model
+        from kd_ops.pipeline.redistill import predict_classes
+
+        cfg, name, url, root = stack.cfg, stack.name, stack.url, stack.root
+        tracking_uri, reg = stack.tracking_uri, stack.distilled["registered"]
+        monitor_name, redistill_id = f"kd-ops-monitor/{name}", stack.redistill_id
         dm = DistillDataModule(cfg.data, cfg.seed)
         rows = cfg.monitor.window_rows or 500
         x_clean, _ = sample(dm, "clean", rows, seed=1)
         _say(f"5. {rows} clean rows over HTTP, then the monitor deployment")
         _replay(url, x_clean)
         _monitor(monitor_name, root / "deploy.log")
-        status, reasons = _latest_monitor(tracking_uri, cfg.tracking.experiment)
+        status, reasons = _latest_monitor(cfg)
         _say(f"   monitor: {status}" + "".join(f"\n     {r}" for r in reasons))
         clock.stage("clean traffic + monitor")
 
@@ -239,7 +289,7 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
         _say(f"6. {n_drift} rows of '{scenario}' traffic over HTTP, then the monitor deployment")
         answered = np.asarray(_replay(url, x_drift))
         _monitor(monitor_name, root / "deploy.log")
-        status, reasons = _latest_monitor(tracking_uri, cfg.tracking.experiment)
+        status, reasons = _latest_monitor(cfg)
         _say(f"   monitor: {status}" + "".join(f"\n     {r}" for r in reasons))
         clock.stage("drifted traffic + monitor")
         if status != "alert":
@@ -269,7 +319,7 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
         if promoted:
             _say("8. the drift goes on; the monitor deployment judges the new champion's window")
             _monitor(monitor_name, root / "deploy.log")
-            status, reasons = _latest_monitor(tracking_uri, cfg.tracking.experiment)
+            status, reasons = _latest_monitor(cfg)
             _say(f"   monitor: {status} (its reference is the traffic it was distilled for)")
             for reason in reasons:
                 _say(f"     {reason}")
@@ -301,18 +351,51 @@ def run_demo(config_path: str, directory: str, scenario: str, keep_servers: bool
             + ", ".join(f"{k} {v:.0f} s" for k, v in clock.stages.items())
             + f"; total {time.monotonic() - clock.t0:.0f} s"
         )
-        bin_dir = Path(python).parent
-        kd = bin_dir.relative_to(Path.cwd()) if bin_dir.is_relative_to(Path.cwd()) else bin_dir
-        _say("\nopen what it made:")
-        _say(f"   {kd}/mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
-        if keep_servers:
-            _say(f"   the Prefect UI is still up: http://127.0.0.1:{prefect_port}")
-        else:
-            _say(f"   PREFECT_HOME={prefect_home} {kd}/prefect server start --host 127.0.0.1 --port 4200")
-        _say(f"   {kd}/evidently ui --workspace {root / 'evidently'} --host 127.0.0.1 --port 8000")
+        stack.hints(keep_servers)
         return 0 if promoted else 1
     finally:
-        for service in reversed(services):
-            if keep_servers and service is services[0]:
-                continue
-            service.stop()
+        stack.stop(keep_prefect=keep_servers)
+
+
+def run_flights_demo(config_path: str, directory: str, keep_servers: bool = False) -> int:
+    """The loop on a real year (`replay:` in the config, e.g. examples/flights.yaml): the first
+    student is distilled on the months before `replay.start`, then the later months are replayed
+    over HTTP with late, partial labels, and the deployments act on their own."""
+    clock = _Clock()
+    stack = start_stack(config_path, directory, clock)
+    try:
+        from flows.replay import DeployedLoop, Server, replay
+
+        cfg = stack.cfg
+        r = cfg.replay
+        _say(
+            f"5. kd-ops replay {r.start} .. {r.end} by {r.window}: {r.rows_per_window or 'every'} rows a {r.window},"
+            f" {r.label_share:.0%} of labels {r.label_delay} {r.window}(s) late; after each {r.window} the monitor"
+            " deployment judges it, and an alert triggers the redistill deployment"
+        )
+        reports = replay(
+            cfg,
+            Server(stack.url, os.environ["KD_OPS_TOKEN"]),
+            DeployedLoop(cfg),
+            seed=cfg.seed,
+            on_window=lambda report: _say("   " + report.line().replace("\n", "\n   ")),
+        )
+        clock.stage("replay")
+        alerts = [w.window for w in reports if w.monitor.get("status") == "alert"]
+        runs = [w for w in reports if w.redistill and not w.redistill.get("skipped")]
+        _say(f"\n{len(reports)} {r.window}s replayed; alerts in {', '.join(alerts) or 'none'}")
+        for w in runs:
+            verdict = "promoted" if w.redistill.get("promoted") else "not promoted"
+            _say(f"   {w.window}: re-distilled v{w.redistill.get('version')}, {verdict}")
+        _say(f"   champion at the end: v{reports[-1].champion_after if reports else stack.first_version}")
+        served = [w.accuracy for w in reports if w.rows]
+        _say(f"   served accuracy over the replay: {np.mean(served):.3f} (labels used only for this figure)")
+        _say(
+            "\nstages: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in clock.stages.items())
+            + f"; total {time.monotonic() - clock.t0:.0f} s"
+        )
+        stack.hints(keep_servers)
+        return 0
+    finally:
+        stack.stop(keep_prefect=keep_servers)

@@ -55,6 +55,8 @@ def alert_trigger(cfg: ExperimentConfig, parameters: dict[str, Any]) -> Any:
         parameters={
             **parameters,
             "trigger": "drift alert on v{{ event.resource['kd-ops.model.version'] }}: {{ event.payload.summary }}",
+            # one re-distillation per alert: a retried or re-run flow finds the candidate it registered
+            "trigger_key": "event-{{ event.id }}",
         },
     )
 

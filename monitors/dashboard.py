@@ -86,21 +86,33 @@ def summary_snapshot(window: Window, reference: Reference, result: MonitorResult
         VERSION: np.full(window.rows, _version_number(window.model_version)),
         VERDICT: np.full(window.rows, float(VERDICT_CODES.get(result.status, np.nan))),
     }
-    labelled = np.isfinite(window.labels)
-    correct = np.where(labelled, window.predicted == np.nan_to_num(window.labels, nan=-1), np.nan)
-    if "accuracy" in metrics:
-        columns[ACCURACY] = correct.astype(np.float64)
     if "agreement_with_teacher" in metrics:
         shadowed = np.isfinite(window.teacher_class)
         agrees = window.predicted == np.nan_to_num(window.teacher_class, nan=-1)
         columns[AGREEMENT] = np.where(shadowed, agrees, np.nan).astype(np.float64)
-    for name, values in window.slices.items():
+    # Accuracy is over the rows whose labels arrived: the window's, or those of the longer
+    # feedback window (`monitor.label_window_rows`), NaN-padded to one length (MeanValue skips NaN).
+    view = window.labelled
+    labelled = np.isfinite(view.labels)
+    correct = np.where(labelled, view.predicted == np.nan_to_num(view.labels, nan=-1), np.nan)
+    judged: dict[str, np.ndarray] = {}
+    if "accuracy" in metrics:
+        judged[ACCURACY] = correct.astype(np.float64)
+    for name, values in view.slices.items():
         for level in sorted(set(values[labelled]) - {""}):
             if f"accuracy_slice_{name}_{level}" in metrics:
-                columns[slice_column(name, level)] = np.where(values == level, correct, np.nan).astype(np.float64)
+                judged[slice_column(name, level)] = np.where(values == level, correct, np.nan).astype(np.float64)
+    n = max(window.rows, view.rows)
+    columns = {k: _padded(v, n) for k, v in {**columns, **judged}.items()}
     frame = pd.DataFrame(columns)
     data = Dataset.from_pandas(frame, data_definition=DataDefinition(numerical_columns=list(columns)))
     return Report([RowCount(), *(MeanValue(column=c) for c in columns)]).run(data, None)
+
+
+def _padded(values: np.ndarray, n: int) -> np.ndarray:
+    out = np.full(n, np.nan)
+    out[: len(values)] = values
+    return out
 
 
 def _version_number(version: str) -> float:

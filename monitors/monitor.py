@@ -25,6 +25,7 @@ the test Evidently picks for its type (`monitors.signals`, table of tests).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -33,7 +34,15 @@ from kd_ops.evaluation.reference import load_reference
 from monitors.dashboard import summary_snapshot
 from monitors.decision import MonitorResult, judge
 from monitors.recording import _record
-from monitors.window import Window, holds_records, read_window, served_schema, served_version, window_from_frame
+from monitors.window import (
+    Window,
+    feedback_frame,
+    holds_records,
+    read_window,
+    served_schema,
+    served_version,
+    window_from_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +69,15 @@ def run_monitor(
         schema = reference.schema
         if schema is None and holds_records(frame):
             schema = served_schema(name, version, allow_pickle=cfg.allow_pickle)
-        window = window_from_frame(
-            frame,
-            name,
-            reference.x.shape[1],
-            reference.probabilities.shape[1],
-            schema=schema,
-            slicer=reference.input_slicer(),
-        )
+        shape = (reference.x.shape[1], reference.probabilities.shape[1])
+        window = window_from_frame(frame, name, *shape, schema=schema, slicer=reference.input_slicer())
+        if m.label_window_rows:
+            labelled = feedback_frame(m.store, name, frame, m.label_window_rows)
+            if not labelled.empty:
+                window = dataclasses.replace(
+                    window,
+                    feedback=window_from_frame(labelled, name, *shape, schema=schema, slicer=reference.input_slicer()),
+                )
     elif window.rows:
         reference = load_reference(name, window.model_version, cfg.tracking.uri)
     if window.rows == 0:

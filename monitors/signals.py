@@ -103,8 +103,9 @@ def quality_report(pred: np.ndarray, labels: np.ndarray, reference: Reference) -
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        true = reference.true_rows  # the rows whose label is a true one, as the window's
         snapshot = Report([ClassificationPreset()]).run(
-            _classification(pred, labels), _classification(reference.predicted, reference.labels)
+            _classification(pred, labels), _classification(reference.predicted[true], reference.labels[true])
         )
     accuracy = next(m["value"] for m in snapshot.dict()["metrics"] if m["config"]["type"].endswith(":Accuracy"))
     return snapshot, float(accuracy)
@@ -346,18 +347,29 @@ def quality_metrics(
     slice, each slice on its own rows. The snapshot is None when too few rows are labelled."""
     out: dict[str, float] = {}
     skipped: list[str] = []
+    window = window.labelled  # the window's labelled rows, or the longer feedback window's
     labelled = np.isfinite(window.labels)
     if labelled.sum() < cfg.min_labelled_rows:
         skipped.append(f"accuracy: {int(labelled.sum())} labelled rows < min_labelled_rows {cfg.min_labelled_rows}")
         return None, out, skipped
+    # Feedback labels are true labels: the reference's rows labelled by a teacher (a re-distilled
+    # version's recent traffic) are left out of the comparison, which would measure agreement.
+    true = reference.true_rows
+    if true.sum() < cfg.min_labelled_rows:
+        skipped.append(
+            f"accuracy: the reference holds {int(true.sum())} rows with a true label < min_labelled_rows"
+            f" {cfg.min_labelled_rows} (the rest were labelled by the teacher)"
+        )
+        return None, out, skipped
     pred, labels = window.predicted[labelled], window.labels[labelled].astype(int)
     snapshot, out["accuracy"] = quality_report(pred, labels, reference)
-    out["accuracy_drop"] = reference.accuracy - out["accuracy"]
-    reference_hits = reference.predicted == reference.labels
+    out["accuracy_drop"] = reference.true_accuracy - out["accuracy"]
+    reference_hits = (reference.predicted == reference.labels)[true]
     out["accuracy_drop_p_value"] = drop_p_value(pred == labels, reference_hits)
     judged: list[tuple[float, float]] = []  # (drop, p-value) per slice
     for name, values in window.slices.items():
         ref_values = reference.slices.get(name)
+        ref_values = None if ref_values is None else np.where(true, ref_values, "\0")  # teacher-labelled: no slice
         for level in sorted(set(values[labelled]) - {""}):
             rows = values[labelled] == level
             if rows.sum() < cfg.min_slice_rows:
@@ -369,7 +381,8 @@ def quality_metrics(
                 in_ref = ref_values == level
                 drop = _accuracy(reference.predicted[in_ref], reference.labels[in_ref]) - acc
                 out[f"accuracy_drop_slice_{name}_{level}"] = drop
-                judged.append((drop, drop_p_value(pred[rows] == labels[rows], reference_hits[in_ref])))
+                hits = (reference.predicted == reference.labels)[in_ref]
+                judged.append((drop, drop_p_value(pred[rows] == labels[rows], hits)))
     if judged:
         # p-values Bonferroni-corrected over the slices compared (or some slice would always look
         # significant); the signal is the worst significant drop, else the worst drop.

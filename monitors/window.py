@@ -52,10 +52,20 @@ class Window:
     schema: "TableSchema | None" = None
     table: pd.DataFrame | None = None
     unseen: dict[str, np.ndarray] = field(default_factory=dict)  # column -> (n,) bool
+    # Labels arrive late and for some rows only: with `monitor.label_window_rows`, accuracy is
+    # judged on the labelled rows of the served version over a longer stretch of the log than the
+    # window (a window of its own, labelled rows only); None: on the window's own labelled rows.
+    feedback: "Window | None" = None
 
     @property
     def rows(self) -> int:
         return len(self.x)
+
+    @property
+    def labelled(self) -> "Window":
+        """The rows accuracy is judged on: the feedback window if there is one, else this one
+        (whose unlabelled rows the accuracy signals skip)."""
+        return self.feedback if self.feedback is not None else self
 
     @property
     def unseen_rows(self) -> np.ndarray:
@@ -77,11 +87,14 @@ class Window:
         out: dict[str, object] = {
             "model_version": self.model_version,
             "rows": self.rows,
-            "labelled_rows": int(np.isfinite(self.labels).sum()),
+            "labelled_rows": int(np.isfinite(self.labelled.labels).sum()),
             "shadow_rows": int(np.isfinite(self.teacher_class).sum()),
             "first": self.first,
             "last": self.last,
         }
+        if self.feedback is not None:  # where the labelled rows came from: not only the window
+            out["labelled_in_window"] = int(np.isfinite(self.labels).sum())
+            out["labelled_first"], out["labelled_last"] = self.feedback.first, self.feedback.last
         if self.schema is not None:
             out["unseen_category_rows"] = int(self.unseen_rows.sum())
         return out
@@ -219,6 +232,18 @@ def window_from_frame(
         table=typed_columns(schema, x) if schema is not None else None,
         unseen=unseen,
     )
+
+
+def feedback_frame(store: str, model_name: str, frame: pd.DataFrame, rows: int) -> pd.DataFrame:
+    """The labelled predictions of the version that served `frame`'s newest row, among the latest
+    `rows` of the log (`monitor.label_window_rows`): labels that arrived late for predictions
+    before the window count, each under the version that made the prediction it labels."""
+    version = served_version(frame)
+    longer = read_window(store, model_name, rows=max(rows, len(frame)))
+    if longer.empty or "label" not in longer.columns:
+        return longer
+    keep = (longer["model_version"].astype(str) == version) & pd.to_numeric(longer["label"], errors="coerce").notna()
+    return longer[keep].reset_index(drop=True)
 
 
 def read_window(store: str, model_name: str, rows: int | None = None, minutes: float | None = None) -> pd.DataFrame:

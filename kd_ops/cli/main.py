@@ -15,7 +15,7 @@ from typing import Sequence
 from kd_ops.cli.common import ALLOW_PICKLE_HELP, _config_options
 from kd_ops.cli.distill import cmd_distill, cmd_sweep
 from kd_ops.cli.evaluate import cmd_evaluate
-from kd_ops.cli.loop import cmd_demo, cmd_deploy, cmd_redistill
+from kd_ops.cli.loop import cmd_demo, cmd_deploy, cmd_redistill, cmd_replay
 from kd_ops.cli.monitor import cmd_monitor
 from kd_ops.cli.registry import cmd_promote, cmd_rollback
 from kd_ops.cli.serve import cmd_serve
@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("redistill", help="distil a new student on teacher-labelled recent traffic; promote if better")
     p.add_argument("config", help="experiment YAML (its registry, monitor.store and redistill sections apply)")
     p.add_argument("--ignore-cooldown", action="store_true", help="run even within redistill.cooldown_minutes")
+    p.add_argument(
+        "--key",
+        help="re-distil under this key: a rerun with the same key decides on the candidate an earlier attempt"
+        " registered instead of training again (default: a new key)",
+    )
     p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     _config_options(p)
     p.set_defaults(func=cmd_redistill)
@@ -119,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML (monitor.cron/interval_minutes and redistill.* apply)")
     _config_options(p, json_help=None)
     p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("replay", help="send a table's later rows to kd-ops serve window by window, with late labels")
+    p.add_argument("config", help="experiment YAML (its data, registry, tracking and monitor sections apply)")
+    p.add_argument("--from", dest="start", help="first window, e.g. 2013-04 (default replay.start)")
+    p.add_argument("--to", dest="end", help="last window, inclusive, e.g. 2013-12 (default replay.end)")
+    p.add_argument("--window", choices=["month", "week", "day"], help="window length (default replay.window)")
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="the running kd-ops serve (default :8080)")
+    p.add_argument("--label-share", type=float, help="share of predictions that get a label (replay.label_share)")
+    p.add_argument("--label-delay", type=int, help="windows until a label arrives (replay.label_delay)")
+    p.add_argument("--rows-per-window", type=int, help="send this many rows of each window (replay.rows_per_window)")
+    p.add_argument("--seed", type=int, help="which rows are drawn and labelled (default: the config's seed)")
+    p.add_argument(
+        "--loop",
+        default="deployments",
+        choices=["deployments", "inline"],
+        help="who acts after each window: the kd-ops deploy deployments (default) or the flows in this process",
+    )
+    p.add_argument("--token-file", help="file with the server's feedback token (default $KD_OPS_TOKEN)")
+    _config_options(p, json_help="print the windows' reports as one JSON object")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("sweep", help="a grid of distillations as parallel Prefect tasks (Dask), ranked in MLflow")
     p.add_argument("config", help="experiment YAML")
@@ -129,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="the whole loop on bundled data: distil, serve, drift, alert, redistill, promote")
-    p.add_argument("--config", default="examples/loop.yaml", help="experiment YAML (default examples/loop.yaml)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--config", help="experiment YAML (default examples/loop.yaml)")
+    which.add_argument(
+        "--example",
+        help="a config of examples/ by name: loop (drift made here) or flights (a real year, replayed month by month)",
+    )
     p.add_argument("--dir", default=".kd-ops/demo", help="where the demo keeps MLflow, Prefect, the log and reports")
     p.add_argument("--scenario", default="shift", help="the drift to replay (default shift)")
     p.add_argument("--keep-servers", action="store_true", help="leave the Prefect server running at the end")

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from kd_ops.config.base import _Section, check_gate_keys
 from kd_ops.config.evaluation import EvaluationConfig
-from kd_ops.config.loop import RedistillConfig
+from kd_ops.config.loop import RedistillConfig, ReplayConfig
 from kd_ops.config.monitoring import MonitorConfig
 from kd_ops.config.tracking import RegistryConfig, TrackingConfig
 from kd_ops.config.training import DataConfig, DistillConfig, StudentConfig, TeacherConfig, TrainConfig
@@ -35,6 +35,7 @@ class ExperimentConfig(_Section):
     )
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     redistill: RedistillConfig = Field(default_factory=RedistillConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     allow_pickle: bool = Field(
         False,
         description="load model files (teacher.uri, the champion, kd-ops evaluate) even where loading lets code "

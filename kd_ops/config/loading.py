@@ -74,7 +74,9 @@ def safe_yaml(text: str, source: str) -> Any:
             return None
         expanded, distinct = _expanded_size(node, MAX_CONFIG_VALUES)
         if distinct > MAX_CONFIG_VALUES:
-            raise ConfigError(f"{source}: holds more than {MAX_CONFIG_VALUES:,} values; an experiment config needs far fewer")
+            raise ConfigError(
+                f"{source}: holds more than {MAX_CONFIG_VALUES:,} values; an experiment config needs far fewer"
+            )
         if expanded > MAX_CONFIG_VALUES:
             raise ConfigError(
                 f"{source}: expands to more than {MAX_CONFIG_VALUES:,} values through YAML aliases (*name); "

@@ -96,6 +96,13 @@ class MonitorConfig(_Section):
     store: str = Field("sqlite:///predictions.db", description="the prediction log (a SQLAlchemy URL)")
     window_rows: int | None = Field(1000, ge=1, description="judge the latest N predictions of the served version")
     window_minutes: float | None = Field(None, gt=0, description="or: the predictions of the last M minutes")
+    label_window_rows: int | None = Field(
+        None,
+        ge=1,
+        description="labels arrive late: judge accuracy on the labelled rows among the latest N predictions of the"
+        " served version (at least the window; default: the window itself); drift and the label-free estimates"
+        " stay on the window",
+    )
     min_rows: int = Field(200, ge=1, description="fewer rows in the window: status 'insufficient', no verdict")
     min_labelled_rows: int = Field(100, ge=1, description="fewer labelled rows: accuracy is not judged")
     min_slice_rows: int = Field(30, ge=1, description="fewer rows in a slice: that slice is not judged")

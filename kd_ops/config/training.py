@@ -25,6 +25,11 @@ class DataConfig(_Section):
         None, description="random (stratified) or time (train on the past, validate and test on later rows)"
     )
     rows: int | None = Field(None, ge=10, description="use this many rows of a table (a random sample, in order)")
+    until: str | None = Field(
+        None,
+        description="a table with data.time: keep only rows before this time (e.g. 2013-04: what was known when"
+        " the first student was distilled; `kd-ops replay` sends the later rows as traffic)",
+    )
     train_fraction: float = Field(1.0, gt=0, le=1, description="share of the training split used as transfer set")
     exclude_classes: list[int] = Field(default_factory=list, description="classes left out of the transfer set")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
@@ -39,6 +44,13 @@ class DataConfig(_Section):
             raise ValueError(f"data.path = {self.path!r} needs data.label: the column to predict")
         if self.split == "time" and not self.time and self.path is not None:
             raise ValueError("data.split = 'time' needs data.time: the column that orders the rows")
+        if self.until is not None:
+            import pandas as pd
+
+            try:
+                pd.Timestamp(self.until)
+            except ValueError:
+                raise ValueError(f"data.until = {self.until!r} is not a time (e.g. 2013-04 or 2013-04-15)") from None
         return self
 
     @property

@@ -95,6 +95,42 @@ def table_spec(cfg: DataConfig, defaults: dict[str, Any]) -> "TableSpec":
     return TableSpec(**merged)
 
 
+def rows_before(frame: Any, spec: "TableSpec", until: str, where: str) -> Any:
+    """The rows of `frame` whose time is before `until` (`data.until`): a first student is
+    distilled on what was known then, and the rest of the table is the traffic that follows."""
+    import pandas as pd
+
+    from kd_ops.data.tables import time_values
+
+    if not spec.time:
+        raise ConfigError(f"data.until = {until!r} needs data.time: the column that orders the rows")
+    if spec.time not in frame.columns:
+        raise ConfigError(f"data.time = {spec.time!r}: {where} has no such column")
+    keep = time_values(frame, spec.time, where) < np.datetime64(pd.Timestamp(until).to_datetime64())
+    if keep.sum() < 10:
+        raise ConfigError(f"data.until = {until!r}: {where} holds {int(keep.sum())} rows before it (at least 10)")
+    return frame[keep]
+
+
+def source_table(cfg: DataConfig, base_dir: str | None = None) -> tuple[Any, dict[str, Any], str, str]:
+    """The whole table a config names (a file or a registered table dataset), before `data.rows`
+    and `data.until` cut it: (frame, the dataset's own `data.*` defaults, name, where it came
+    from). What `kd-ops replay` sends as traffic. A dataset of images is a `ConfigError`."""
+    from pathlib import Path
+
+    if cfg.path is not None:
+        from kd_ops.data.tables import read_table_file
+
+        path = Path(cfg.path)
+        if not path.is_absolute() and base_dir:
+            path = Path(base_dir) / path
+        return read_table_file(path), {}, cfg.source_name, f"file {str(path)!r}"
+    source = DATASETS.get(cfg.name)()
+    if not isinstance(source, TableSource):
+        raise ConfigError(f"data.name = {cfg.name!r} is not a table: replaying traffic in time order needs one")
+    return source.frame, source.spec, source.name, f"dataset {source.name!r}"
+
+
 def load_table(frame: Any, cfg: DataConfig, seed: int, name: str, defaults: dict[str, Any], where: str):
     """A DataFrame checked, split (by time or stratified), fitted on its training rows and encoded."""
     import pandas as pd
@@ -107,6 +143,8 @@ def load_table(frame: Any, cfg: DataConfig, seed: int, name: str, defaults: dict
         keep = np.sort(np.random.default_rng(0).choice(len(frame), size=cfg.rows, replace=False))
         frame = frame.iloc[keep]
     spec = table_spec(cfg, defaults)
+    if cfg.until is not None:
+        frame = rows_before(frame, spec, cfg.until, where)
     holder: dict[str, Splits] = {}
 
     def train_rows(y: np.ndarray, order: np.ndarray | None) -> np.ndarray:
@@ -128,6 +166,8 @@ class ExtraRows:
 
     x: np.ndarray  # (n, features) raw rows
     y: np.ndarray  # (n,) int labels
+    # (n,) bool: the label is a true one (feedback), not the teacher's; None: all true
+    known: np.ndarray | None = None
 
 
 def with_extra_rows(ds: RawDataset, splits: Splits, extra: ExtraRows) -> tuple[RawDataset, Splits]:
@@ -185,34 +225,35 @@ class DistillDataModule(L.LightningDataModule):
             self.raw, self.splits = raw, splits
 
     def _load(self) -> tuple[RawDataset, Splits]:
-        from pathlib import Path
-
         cfg = self.cfg
         if self.frame is not None:
             raw, splits, self.table = load_table(self.frame, cfg, self.seed, "dataframe", {}, "the DataFrame")
             return raw, splits
-        if cfg.path is not None:
-            from kd_ops.data.tables import read_table_file
-
-            path = Path(cfg.path)
-            if not path.is_absolute() and self.base_dir:
-                path = Path(self.base_dir) / path
-            frame = read_table_file(path)
-            raw, splits, self.table = load_table(frame, cfg, self.seed, cfg.source_name, {}, f"file {str(path)!r}")
-            return raw, splits
-        source = DATASETS.get(cfg.name)()
-        if isinstance(source, TableSource):
-            raw, splits, self.table = load_table(
-                source.frame, cfg, self.seed, source.name, source.spec, f"dataset {source.name!r}"
-            )
-            return raw, splits
-        return source, make_splits(source, cfg, self.seed)
+        if cfg.path is None:
+            source = DATASETS.get(cfg.name)()
+            if not isinstance(source, TableSource):
+                return source, make_splits(source, cfg, self.seed)
+        frame, defaults, name, where = source_table(cfg, self.base_dir)
+        raw, splits, self.table = load_table(frame, cfg, self.seed, name, defaults, where)
+        return raw, splits
 
     def with_role(self, role: str) -> "DistillDataModule":
         """The same splits, serving another set of training rows (no reload, no re-split)."""
         self.setup()
         other = DistillDataModule(self.cfg, self.seed, role, self.extra, self.frame, self.base_dir)
         other.raw, other.splits, other.table = self.raw, self.splits, self.table
+        return other
+
+    def with_training_rows(self, extra: ExtraRows) -> "DistillDataModule":
+        """The same splits with `extra` rows added to the training split (a teacher refitted on
+        labelled recent traffic); val and test stay the dataset's, so scores stay comparable."""
+        self.setup()
+        other = self.with_role(self.role)
+        n = len(self.raw.y)
+        other.raw, _ = with_extra_rows(self.raw, self.splits, extra)
+        other.splits = dataclasses.replace(
+            self.splits, train=np.concatenate([self.splits.train, np.arange(n, n + len(extra.y))])
+        )
         return other
 
     @property

@@ -52,6 +52,10 @@ class Reference:
     schema: "TableSchema | None" = None  # the student's table schema
     frame: "pd.DataFrame | None" = None  # the rows as typed columns, the user's names (`typed_columns`)
     slicer: dict[str, Any] | None = None  # the student's slicer (`slices.json`), any model
+    # A re-distilled version's reference is recent traffic labelled by feedback where it arrived
+    # and by the teacher elsewhere: (n,) bool, True where the label is a true one. None: all are
+    # (a validation split). Accuracy on feedback is compared with the true-labelled rows only.
+    known: np.ndarray | None = None
 
     @property
     def table(self) -> "pd.DataFrame | None":
@@ -75,7 +79,21 @@ class Reference:
 
     @property
     def accuracy(self) -> float:
+        """Against the reference's labels, whatever their source: what the label-free estimates
+        (set on these labels) are comparable with."""
         return float((self.predicted == self.labels).mean())
+
+    @property
+    def true_rows(self) -> np.ndarray:
+        """(n,) bool: the rows whose label is a true one."""
+        return np.ones(len(self.labels), dtype=bool) if self.known is None else self.known.astype(bool)
+
+    @property
+    def true_accuracy(self) -> float:
+        """On the true-labelled rows only: what accuracy on feedback labels is comparable with
+        (a teacher's label would measure agreement with the teacher instead). NaN if none."""
+        rows = self.true_rows
+        return float((self.predicted[rows] == self.labels[rows]).mean()) if rows.any() else float("nan")
 
     def save(self, path: Path) -> None:
         arrays: dict[str, Any] = {
@@ -89,6 +107,8 @@ class Reference:
         arrays.update({f"slice_{k}": np.asarray(v, dtype=str) for k, v in self.slices.items()})
         if self.slicer is not None:
             arrays["slicer"] = np.array(json.dumps(self.slicer))
+        if self.known is not None:
+            arrays["known"] = self.known.astype(bool)
         if self.schema is not None:
             arrays["table_schema"] = np.array(json.dumps(self.schema.to_dict()))
             if self.frame is not None:
@@ -115,6 +135,7 @@ class Reference:
                 schema=schema,
                 frame=frame,
                 slicer=json.loads(str(data["slicer"])) if "slicer" in data else None,
+                known=data["known"].astype(bool) if "known" in data else None,
             )
 
 
@@ -177,11 +198,17 @@ def probabilities(model: Any, x: np.ndarray) -> np.ndarray:
 
 
 def build_reference(
-    student: Any, teacher: Any | None, dm: Any, split: str = "val", rows: tuple[np.ndarray, np.ndarray] | None = None
+    student: Any,
+    teacher: Any | None,
+    dm: Any,
+    split: str = "val",
+    rows: tuple[np.ndarray, np.ndarray] | None = None,
+    known: np.ndarray | None = None,
 ) -> Reference:
     """The student's (and teacher's) view of `split` of the datamodule `dm`, or of `rows` (x, labels):
     a re-distilled student's reference is the recent traffic it was made for (`split="production"`),
-    else a monitor would keep comparing the traffic it adapted to with the distribution it left.
+    else a monitor would keep comparing the traffic it adapted to with the distribution it left;
+    `known` says which of those rows carry a true (feedback) label rather than the teacher's.
 
     On a table, `x` (and `rows`) are encoded rows; the reference adds their typed columns, the
     schema and the slicer (see the module docstring)."""
@@ -199,6 +226,7 @@ def build_reference(
         schema=schema,
         frame=typed_columns(schema, x) if schema is not None else None,
         slicer=slicer.to_dict(),
+        known=None if known is None else np.asarray(known, dtype=bool),
     )
 
 

@@ -218,6 +218,7 @@ class _Context:
     logits: dict[str, np.ndarray] = field(default_factory=dict)  # test-split logits per role (plots, agreement)
     gates: list[dict[str, Any]] = field(default_factory=list)
     reference_rows: tuple[np.ndarray, np.ndarray] | None = None  # default: the val split
+    reference_known: np.ndarray | None = None  # which reference rows carry a true label (None: all)
     student_object: Any = None  # a network or estimator given through the Python API
     data: datasets.RunData | None = None  # the splits as MLflow datasets (each run's inputs)
     extra_inputs: list[DatasetInput] = field(default_factory=list)  # what `extra` rows were (production window)
@@ -466,7 +467,7 @@ def _register(ctx: _Context, student: Any) -> None:
     mlflow.log_dict(ctx.dm.input_slices().to_dict(), SLICES_ARTIFACT)
     rows = ctx.reference_rows
     split = "production" if rows is not None else "val"
-    log_reference(build_reference(student, ctx.models.get("teacher"), ctx.dm, split, rows))
+    log_reference(build_reference(student, ctx.models.get("teacher"), ctx.dm, split, rows, ctx.reference_known))
     info = _log_model(student, ctx.dm, ctx.example, registered_name=cfg.registry.name)
     ctx.registered.update(name=cfg.registry.name, version=str(info.registered_model_version), model_uri=info.model_uri)
 
@@ -544,6 +545,7 @@ def run_distillation(
     ctx.extra_inputs = list(extra_inputs or [])
     if reference is not None:
         ctx.reference_rows = (reference.x, reference.y)
+        ctx.reference_known = reference.known
 
     run_name = f"{dm.raw.name if data is not None else cfg.data.source_name}-{cfg.distill.method}-seed{cfg.seed}"
     from kd_ops.serving.state import masked

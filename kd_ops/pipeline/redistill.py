@@ -31,6 +31,7 @@ from kd_ops.core.errors import ConfigError
 log = logging.getLogger(__name__)
 TAG_REDISTILL = "kd_ops.redistill.champion"  # on a re-distilled version: the champion it was made to replace
 TAG_TRIGGER = "kd_ops.redistill.trigger"
+TAG_KEY = "kd_ops.redistill.key"  # what makes a retried re-distillation find the candidate it registered
 
 
 class NoProductionRows(ConfigError):
@@ -256,12 +257,63 @@ def redistill_config(cfg: ExperimentConfig, teacher_uri: str) -> ExperimentConfi
     )
 
 
-def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual") -> RedistillResult:
-    """Distil a new student on training data + teacher-labelled production rows; promote it only
-    if it beats the champion on recent rows and holds on the reference."""
+@dataclass
+class Candidate:
+    """A re-distilled student registered to replace `champion`, not yet judged against it. Its
+    stored reference is the held-out recent traffic (the rows the decision gates on)."""
+
+    model_name: str
+    version: str
+    champion: str
+    key: str
+    run_id: str  # the distillation's parent run
+    student_run_id: str
+    teacher_uri: str
+    reused: bool = False  # found under its key: an earlier attempt trained it
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def new_key() -> str:
+    """A key of its own for a re-distillation nobody will retry under the same key (one CLI call)."""
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def find_candidate(client: Any, name: str, key: str) -> Candidate | None:
+    """The version registered under `key` by an earlier attempt, if any (the oldest, should a race
+    have made two)."""
+    from kd_ops.registry.tracking import TAG_TEACHER_URI
+
+    found = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(TAG_KEY) == key]
+    if not found:
+        return None
+    mv = min(found, key=lambda v: int(v.version) if str(v.version).isdigit() else 0)
+    run = client.get_run(mv.run_id)
+    rows = {k.removeprefix("redistill."): int(v) for k, v in run.data.params.items() if k.startswith("redistill.")}
+    return Candidate(
+        name,
+        str(mv.version),
+        mv.tags.get(TAG_REDISTILL, ""),
+        key,
+        run.data.tags.get("mlflow.parentRunId", mv.run_id),
+        mv.run_id,
+        mv.tags.get(TAG_TEACHER_URI, ""),
+        reused=True,
+        rows=rows,
+    )
+
+
+def train_candidate(cfg: ExperimentConfig, trigger: str = "manual", key: str | None = None) -> Candidate:
+    """Distil a new student on the training data + labelled recent production rows and register
+    it as a candidate (gates `pending`). Idempotent under `key` (the Prefect flows pass the
+    triggering event's id, else the flow run's): a version already registered under it is
+    returned as it is, so a retry after registration trains nothing twice."""
     from kd_ops.core.env import apply_offline_defaults
     from kd_ops.data.datamodule import DistillDataModule, ExtraRows
-    from kd_ops.evaluation.reference import load_reference
     from kd_ops.models.loading import load_for_data
     from kd_ops.pipeline.distillation import run_distillation
     from kd_ops.registry import gates, promotion
@@ -269,27 +321,46 @@ def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual") -> Redist
     from kd_ops.serving.served_model import resolve_alias
 
     apply_offline_defaults()
+    key = key or new_key()
     name = cfg.registry.name
     client = open_tracking(cfg.tracking.uri)  # the lineage teachers' models:/ URIs resolve there too
+    found = find_candidate(client, name, key)
+    if found is not None:
+        log.info(
+            "re-distillation %s of %s: v%s was registered under it already, not trained again", key, name, found.version
+        )
+        return found
+    if cfg.redistill.teacher == "refit":
+        from kd_ops.pipeline.refit import check_refit
+
+        check_refit(cfg)  # before anything is loaded or trained
     champion = resolve_alias(client, name, promotion.CHAMPION)
     teacher_uri = teacher_uri_of(client, name, champion)
     dm = DistillDataModule(cfg.data, cfg.seed)
     dm.setup()
-    recipe = redistill_config(cfg, teacher_uri)
     # cfg.allow_pickle (--allow-pickle): consent to load lineage models whose files run code.
     teachers = [
         load_for_data(u, dm, f"the teacher of {name} v{champion}", allow_pickle=cfg.allow_pickle)
         for u in teacher_uri.split(",")
     ]
-    # Everything the decision needs is loaded before training: a version is never left half-judged.
     champion_model = load_for_data(f"models:/{name}/{champion}", dm, "champion", allow_pickle=cfg.allow_pickle)
-    reference = load_reference(name, champion, cfg.tracking.uri)
     prod = production_set(cfg, teachers, dm.n_features, dm.n_classes, table_schema(dm, champion_model, name, champion))
     train = ~prod.holdout
+    tags = {TAG_REDISTILL: champion, TAG_TRIGGER: trigger[:250], TAG_KEY: key}
+    if cfg.redistill.teacher == "refit":
+        from kd_ops.pipeline.refit import refit_teachers
+
+        # Fitted on the labelled rows it may learn from (never the holdout), then it relabels the rest.
+        known = train & prod.from_feedback
+        teachers, teacher_uri = refit_teachers(
+            cfg, dm, prod.x[known], prod.y[known], previous_uri=teacher_uri, tags=tags
+        )
+        prod.y = np.where(prod.from_feedback, prod.y, teacher_classes(teachers, prod.x)).astype(np.int64)
+    recipe = redistill_config(cfg, teacher_uri)
     hx, hy = prod.x[prod.holdout], prod.y[prod.holdout]
     counts = prod.counts()
     log.info(
-        "re-distilling %s (champion v%s): %d production rows%s%s, %d feedback-labelled, %d teacher-labelled;"
+        "re-distilling %s (champion v%s): %d production rows%s%s, %d feedback-labelled, %d teacher-labelled%s;"
         " %d join the transfer set, %d held out to gate",
         name,
         champion,
@@ -298,62 +369,77 @@ def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual") -> Redist
         f" from {prod.times[0]} to {prod.times[1]}" if prod.times else "",
         counts["feedback_labels"],
         counts["teacher_labels"],
+        " (by the refitted teacher)" if cfg.redistill.teacher == "refit" else "",
         int(train.sum()),
         counts["holdout_rows"],
     )
-
-    tags = {TAG_REDISTILL: champion, TAG_TRIGGER: trigger[:250]}
     # The new version's reference is the held-out recent traffic it was made for.
     result = run_distillation(
         recipe,
         extra=ExtraRows(prod.x[train], prod.y[train]),
         tags=tags,
-        reference=ExtraRows(hx, hy),
+        reference=ExtraRows(hx, hy, known=prod.from_feedback[prod.holdout]),
         extra_inputs=[window_input(cfg, prod, dm, champion)],
     )
     version = result.registered["version"]
-    try:
-        return _decide(cfg, client, result, champion, champion_model, reference, prod, trigger)
-    except BaseException:
-        # The config's gates may have marked the version passed; without the champion gates it is not.
-        client.set_model_version_tag(name, version, gates.TAG_GATES, "failed")
-        raise
+    # The config's gates may have marked it passed; without the champion gates it is not yet.
+    client.set_model_version_tag(name, version, gates.TAG_GATES, "pending")
+    from mlflow.entities import Param
+
+    client.log_batch(result.runs["student"], params=[Param(f"redistill.{k}", str(v)) for k, v in counts.items()])
+    client.log_dict(result.runs["parent"], {"trigger": trigger, "key": key, **counts}, "redistill.json")
+    return Candidate(
+        name, version, champion, key, result.runs["parent"], result.runs["student"], teacher_uri, rows=counts
+    )
 
 
-def _decide(
-    cfg: ExperimentConfig,
-    client: Any,
-    result: Any,
-    champion: str,
-    champion_model: Any,
-    reference: Any,
-    prod: ProductionSet,
-    trigger: str,
-) -> RedistillResult:
-    """The champion gates, recorded with the config's; promotion when all pass and the champion is
-    still the one the candidate was compared with."""
+def decide(cfg: ExperimentConfig, candidate: Candidate) -> RedistillResult:
+    """Judge a registered candidate against the champion it was made to replace, record the
+    gates, promote it when all pass. Everything is read back from the registry (the candidate,
+    its held-out recent rows, the config's gates as the distillation recorded them, the
+    champion and its reference), so a retry repeats the decision, never the training; a
+    candidate already promoted stays promoted."""
+    import json
+
+    from kd_ops.data.datamodule import DistillDataModule
+    from kd_ops.evaluation.reference import load_reference
+    from kd_ops.models.loading import load_for_data
     from kd_ops.registry import gates, promotion
     from kd_ops.registry.gates import GateDecision
+    from kd_ops.registry.tracking import open_tracking
     from kd_ops.serving.served_model import resolve_alias
 
     name, r = cfg.registry.name, cfg.redistill
-    version = result.registered["version"]
-    student = result.models["student"]
-    hx, hy = prod.x[prod.holdout], prod.y[prod.holdout]
+    version, champion = candidate.version, candidate.champion
+    client = open_tracking(cfg.tracking.uri)
+    dm = DistillDataModule(cfg.data, cfg.seed)
+    dm.setup()
+
+    def load(uri: str, what: str) -> Any:
+        return load_for_data(uri, dm, what, allow_pickle=cfg.allow_pickle)
+
+    student = load(f"models:/{name}/{version}", f"candidate {name} v{version}")
+    champion_model = load(f"models:/{name}/{champion}", f"champion {name} v{champion}")
+    teachers = [load(u, f"the teacher of {name} v{version}") for u in candidate.teacher_uri.split(",")]
+    recent = load_reference(name, version, cfg.tracking.uri)  # the held-out production rows
+    reference = load_reference(name, champion, cfg.tracking.uri)
+    hx, hy = recent.x, recent.labels
+    with open(client.download_artifacts(candidate.student_run_id, "gates.json")) as f:
+        config_gates = json.load(f)["gates"]  # as the distillation recorded them
+
+    def acc(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+        return float((predict_classes(model, x) == y).mean())
+
     accuracy = {
-        "recent": {
-            "champion": float((predict_classes(champion_model, hx) == hy).mean()),
-            "candidate": float((predict_classes(student, hx) == hy).mean()),
-        },
+        "recent": {"champion": acc(champion_model, hx, hy), "candidate": acc(student, hx, hy)},
         "reference": {
-            "champion": float((predict_classes(champion_model, reference.x) == reference.labels).mean()),
-            "candidate": float((predict_classes(student, reference.x) == reference.labels).mean()),
-            "teacher": float((predict_classes(result.models["teacher"], reference.x) == reference.labels).mean()),
+            "champion": acc(champion_model, reference.x, reference.labels),
+            "candidate": acc(student, reference.x, reference.labels),
+            "teacher": float((teacher_classes(teachers, reference.x) == reference.labels).mean()),
         },
     }
     gain = accuracy["recent"]["candidate"] - accuracy["recent"]["champion"]
     drop = accuracy["reference"]["champion"] - accuracy["reference"]["candidate"]
-    where = f"vs champion v{champion}, {int(prod.holdout.sum())} recent rows"
     ours = [
         GateDecision(
             "min_recent_gain_vs_champion",
@@ -362,7 +448,7 @@ def _decide(
             gain,
             r.min_recent_gain,
             gain >= r.min_recent_gain,
-            where,
+            f"vs champion v{champion}, {len(hy)} recent rows",
         ),
         GateDecision(
             "max_reference_drop_vs_champion",
@@ -374,26 +460,25 @@ def _decide(
             f"vs champion v{champion}, {len(reference.labels)} reference rows",
         ),
     ]
-    decisions = [GateDecision(**g) for g in result.gates] + ours
-    gates.record(decisions, client, result.runs["student"], name, version)
+    ours_names = {d.gate for d in ours}
+    decisions = [GateDecision(**g) for g in config_gates if g["gate"] not in ours_names] + ours
+    gates.record(decisions, client, candidate.student_run_id, name, version)
     gates.log_decisions(ours)  # the config's gates were logged by the distillation
-    run_id = result.runs["parent"]
     for part, values in accuracy.items():
         for model, value in values.items():
-            client.log_metric(run_id, f"{part}_accuracy_{model}", value)
-    client.log_dict(run_id, {"trigger": trigger, **prod.counts()}, "redistill.json")
+            client.log_metric(candidate.run_id, f"{part}_accuracy_{model}", value)
 
     failed = [d for d in decisions if not d.passed]
-    promoted = False
     now = resolve_alias(client, name, promotion.CHAMPION)
+    promoted = now == version  # an earlier attempt promoted it and failed after
     if not failed and cfg.registry.promote and now == champion:
         promotion.promote(name, version, uri=cfg.tracking.uri)
         promoted = True
-    recent = accuracy["recent"]
+    rec = accuracy["recent"]
     if promoted:
         reason = (
             f"promoted v{version} over v{champion}: recent accuracy"
-            f" {recent['champion']:.3f} -> {recent['candidate']:.3f} on {int(prod.holdout.sum())} held-out rows,"
+            f" {rec['champion']:.3f} -> {rec['candidate']:.3f} on {len(hy)} held-out rows,"
             f" reference"
             f" {accuracy['reference']['champion']:.3f} -> {accuracy['reference']['candidate']:.3f}"
         )
@@ -411,17 +496,24 @@ def _decide(
         promoted,
         reason,
         promotion.state(name, client).champion,
-        prod.counts(),
+        candidate.rows,
         accuracy,
         gates.as_json(decisions),
-        run_id,
+        candidate.run_id,
     )
 
 
-def last_redistillation(cfg: ExperimentConfig) -> str | None:
+def run_redistillation(cfg: ExperimentConfig, trigger: str = "manual", key: str | None = None) -> RedistillResult:
+    """Distil a new student on training data + labelled production rows (`train_candidate`);
+    promote it only if it beats the champion on recent rows and holds on the reference (`decide`)."""
+    return decide(cfg, train_candidate(cfg, trigger, key))
+
+
+def last_redistillation(cfg: ExperimentConfig, key: str | None = None) -> str | None:
     """Why a re-distillation should not start now: the model was re-distilled within
     `redistill.cooldown_minutes` (None: go ahead). Versions carry the time, so this holds across
-    processes and restarts."""
+    processes and restarts. A version registered under `key` is this re-distillation's own
+    (a retry): it is no reason to stop."""
     import time
 
     cooldown = cfg.redistill.cooldown_minutes * 60_000
@@ -432,7 +524,13 @@ def last_redistillation(cfg: ExperimentConfig) -> str | None:
     from kd_ops.registry.tracking import open_tracking
 
     versions = open_tracking(cfg.tracking.uri).search_model_versions(f"name = '{name}'")
-    recent = [v for v in versions if TAG_REDISTILL in v.tags and now - v.creation_timestamp < cooldown]
+    recent = [
+        v
+        for v in versions
+        if TAG_REDISTILL in v.tags
+        and now - v.creation_timestamp < cooldown
+        and (key is None or v.tags.get(TAG_KEY) != key)
+    ]
     if not recent:
         return None
     last = max(recent, key=lambda v: v.creation_timestamp)

@@ -130,7 +130,10 @@ def promote(name: str, version: str | int, force: bool = False, uri: str | None 
     mv = _check_version(client, name, version)
     verdict = mv.tags.get(TAG_GATES)
     if not force and verdict != "passed":
-        why = "its gates failed" if verdict == "failed" else "it has no gate decision recorded"
+        why = {
+            "failed": "its gates failed",
+            "pending": "it is a re-distillation candidate whose gates against the champion are not decided yet",
+        }.get(verdict or "", "it has no gate decision recorded")
         raise PromotionError(
             f"{name} version {version} not promoted: {why} (see the kd_ops.gate.* tags); --force overrides"
         )

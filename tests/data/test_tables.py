@@ -135,6 +135,18 @@ def test_a_numeric_column_holding_text_names_the_column_and_the_first_row():
         _dm(frame, numeric=["distance"])
 
 
+def test_data_until_keeps_the_past_and_names_what_is_wrong():
+    frame = _frame()  # hourly from 2013-01-01 00:00: 400 rows, the last on 2013-01-17 15:00
+    dm = _dm(frame, time="when", split="time", until="2013-01-11")
+    assert len(dm.raw.y) == 240  # ten days of hours
+    with pytest.raises(ConfigError, match="data.until = '2013-01-11' needs data.time"):
+        _dm(frame, until="2013-01-11")
+    with pytest.raises(ConfigError, match="data.until = '2012-12-31': the DataFrame holds 0 rows before it"):
+        _dm(frame, time="when", until="2012-12-31")
+    with pytest.raises(ValueError, match="data.until = 'last spring' is not a time"):
+        DataConfig(label="late", time="when", until="last spring")
+
+
 def test_an_unparsable_time_names_the_row():
     frame = _frame()
     frame["when"] = frame["when"].astype(str)

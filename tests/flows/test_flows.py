@@ -274,7 +274,7 @@ def test_a_transient_tracking_failure_is_retried(harness, loop, tmp_path, monkey
                 tasks = {t.name.split("-")[0]: t for t in client.read_task_runs(flow_run_filter=flow_run)}
             assert proxy.accepted > 2
             assert tasks["recent_redistillation"].state.is_completed() and tasks["recent_redistillation"].run_count == 3
-            assert tasks["redistill"].state.is_failed() and tasks["redistill"].run_count == 1
+            assert tasks["train_candidate"].state.is_failed() and tasks["train_candidate"].run_count == 1
         finally:
             proxy.close()
 

@@ -200,3 +200,39 @@ def test_the_warn_band_of_the_estimated_accuracy_drop_needs_significance_too(dis
     _, result = distilled
     out = judge(_window(result, "clean", 800, split="val"), reference, cfg)
     assert 0 <= out.metrics["estimated_accuracy_drop_p_value"] <= 1
+
+
+def test_feedback_accuracy_is_compared_with_the_reference_rows_whose_labels_are_true(distilled, reference):
+    """A re-distilled version's reference is recent traffic labelled by the teacher where no
+    feedback arrived; agreement with the teacher would pass for accuracy there. Only the rows
+    with a true label (`known`) are what a window's feedback accuracy is compared with."""
+    import dataclasses
+
+    _, result = distilled
+    n = len(reference.labels)
+    # Teacher-like labels on the unknown rows: the student "agrees" on all of them.
+    known = np.zeros(n, dtype=bool)
+    known[: n // 2] = True
+    agreeing = np.where(known, reference.labels, reference.predicted)
+    mixed = dataclasses.replace(reference, labels=agreeing, known=known)
+    assert mixed.accuracy > mixed.true_accuracy  # the inflated figure the monitor must not use
+    window = _window(result, "clean", 600, split="val")
+    out = judge(window, mixed, MonitorConfig())
+    truly = float((reference.predicted[known] == reference.labels[known]).mean())
+    assert out.metrics["accuracy_drop"] == pytest.approx(truly - out.metrics["accuracy"])
+    # Too few true-labelled rows: accuracy is not judged, and the result says why.
+    few = dataclasses.replace(mixed, known=np.arange(n) < 10)
+    out = judge(window, few, MonitorConfig())
+    assert "accuracy_drop" not in out.metrics
+    assert any("rows with a true label" in s for s in out.skipped)
+
+
+def test_a_reference_keeps_which_labels_are_true(tmp_path, reference):
+    import dataclasses
+
+    known = np.arange(len(reference.labels)) % 3 == 0
+    dataclasses.replace(reference, known=known).save(tmp_path / "ref.npz")
+    back = Reference.load(tmp_path / "ref.npz")
+    assert np.array_equal(back.known, known) and back.true_rows.sum() == known.sum()
+    reference.save(tmp_path / "plain.npz")
+    assert Reference.load(tmp_path / "plain.npz").known is None
