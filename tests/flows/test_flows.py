@@ -29,19 +29,6 @@ NAME = "flow-student"
 
 
 @pytest.fixture(scope="module")
-def harness():
-    import prefect.settings as ps
-    from prefect.testing.utilities import prefect_test_harness
-
-    # Heartbeats off: each flow call would otherwise wait a second for its heartbeat thread.
-    with (
-        prefect_test_harness(server_startup_timeout=180),
-        ps.temporary_settings(updates={ps.PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-    ):
-        yield
-
-
-@pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     """A champion distilled into its own registry, and a prediction log of 400 shifted rows it answered."""
     from kd_ops.config.loading import config_from_dict
@@ -114,6 +101,9 @@ def test_deployments_carry_their_schedules_trigger_and_concurrency(harness, loop
         assert trigger.expect == {"kd-ops.monitor.alert"}
         assert trigger.match.model_dump()["prefect.resource.id"] == f"kd-ops.model.{NAME}"
         assert trigger.within.total_seconds() == 30 * 60 and trigger.threshold == 1
+        # One re-distillation per alert: its key is the event's id, so a rerun finds the candidate.
+        (action,) = automation.actions
+        assert action.parameters["trigger_key"] == "event-{{ event.id }}"
 
 
 def test_a_cron_prefect_refuses_names_its_key(loop):

@@ -234,18 +234,6 @@ def test_refit_refuses_a_teacher_given_only_by_uri(replayed):
         check_refit(cfg)
 
 
-@pytest.fixture(scope="module")
-def harness():
-    import prefect.settings as ps
-    from prefect.testing.utilities import prefect_test_harness
-
-    with (
-        prefect_test_harness(server_startup_timeout=180),
-        ps.temporary_settings(updates={ps.PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-    ):
-        yield
-
-
 def _task_runs(state) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
