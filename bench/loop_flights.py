@@ -94,6 +94,9 @@ def child(seed: int, mode: str, out: Path, config: str, cbpe_python: str | None)
         saved.write_text(json.dumps(_replay(seed, mode, work, config), default=str))
     replayed = json.loads(saved.read_text())
     cfg = load_config(config, replayed["overrides"])
+    from kd_ops.registry.tracking import open_tracking
+
+    open_tracking(cfg.tracking.uri)  # every models:/ URI below resolves in the stack's registry
     name, v1 = cfg.registry.name, replayed["first_version"]
     reports = [SimpleNamespace(**r) for r in replayed["reports"]]
     server = SimpleNamespace(
@@ -386,13 +389,14 @@ def report(per_seed: list[dict], args: argparse.Namespace) -> tuple[str, dict]:
     ]
     truth = acc["static"]
     atc = np.asarray([[np.nan if v is None else v for v in s["atc"]] for s in per_seed], dtype=float)
+    atc_error = mean_std(list(np.nanmean(np.abs(atc - truth), 1)), ".4f")
     lines += [
         "",
         "Label-free accuracy estimates of the static student per month (true: its accuracy on every row of the month):",
         "",
         "| estimator | mean absolute error |",
         "| --- | --- |",
-        f"| kd-ops ATC (confidence threshold set on the reference) | {mean_std(list(np.nanmean(np.abs(atc - truth), 1)), '.4f')} |",
+        f"| kd-ops ATC (confidence threshold set on the reference) | {atc_error} |",
     ]
     if all(s.get("cbpe") for s in per_seed):
         cbpe = np.asarray([s["cbpe"] for s in per_seed], dtype=float)
