@@ -11,8 +11,8 @@ are scored on every row of every month (accuracy and ROC AUC; the labels are use
                  with the labels the loop had then (train split + labelled recent rows), deployed
                  after each trigger without gates
   (d) refit      the loop again with `redistill.teacher: refit` (its own replay, own triggers)
-  (e) oracle     the same student retrained every month on the train split and every row of every
-                 past month with its true label
+  (e) oracle     the same student retrained every month on the train split and every row the
+                 replay sent in every past month, each with its true label
   (f) teacher    the first teacher (LightGBM), never updated
 
 The monitor is also run on the static student's own windows (the rows the replay sent, each with
@@ -222,10 +222,19 @@ def _labels_only(cfg, server, months, x_m, y_m, teacher_uri, score, result) -> d
             known = [j for j in upto if ids[j] in labels and labels[ids[j]][0] <= i]
             y = _classes(schema, [labels[ids[j]][1] for j in known])
             model = train(f"{cfg.registry.name}-labels-only", x_sent[known], y)
+    # The oracle sees the same traffic as the loop (each past month's rows that the replay sent,
+    # drawn again with the replay's seeds), every row with its true label, at once.
+    from flows.replay import traffic
+
+    data = traffic(cfg, cfg.replay.start, cfg.replay.end, cfg.replay.window)
+    sent_x, sent_y = [], []
+    for i, m in enumerate(months):
+        part = data.rows(m, cfg.replay.rows_per_window, cfg.seed + i)
+        sent_x.append(schema.encode(part, where=f"month {m}", strict=False))
+        sent_y.append(_classes(schema, part[data.label]))
     oracle = [result["static"][0]]
     for i in range(1, len(months)):
-        x = np.concatenate([x_m[m] for m in months[:i]])
-        y = np.concatenate([y_m[m] for m in months[:i]])
+        x, y = np.concatenate(sent_x[:i]), np.concatenate(sent_y[:i])
         oracle.append(score(train(f"{cfg.registry.name}-oracle", x, y), months[i]))
     return {"labels_only": labels_only, "oracle": oracle}
 
@@ -518,6 +527,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import torch
+
+    torch.set_num_threads(1)  # the seeds' processes run side by side on few cores
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     os.environ.setdefault("KD_OPS_QUIET", "1")
     main()
