@@ -36,6 +36,7 @@ import numpy as np
 from kd_ops.config.experiment import ExperimentConfig
 from kd_ops.config.loop import ReplayConfig
 from kd_ops.core.errors import ConfigError
+from kd_ops.data.tables import plain_value
 
 log = logging.getLogger(__name__)
 FREQUENCIES = {"month": "M", "week": "W", "day": "D"}
@@ -135,19 +136,9 @@ def _records(part: Any, columns: list[str]) -> list[dict[str, Any]]:
     """JSON-ready records of the served model's columns (None for a missing value)."""
     out = []
     for row in part[columns].itertuples(index=False, name=None):
-        rec = {}
-        for name, value in zip(columns, row):
-            if hasattr(value, "item"):
-                value = value.item()
-            if isinstance(value, float) and math.isnan(value):
-                value = None
-            rec[name] = value
-        out.append(rec)
+        values = (plain_value(v) for v in row)
+        out.append({n: None if isinstance(v, float) and math.isnan(v) else v for n, v in zip(columns, values)})
     return out
-
-
-def _label(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
 
 
 # -- the replay ------------------------------------------------------------------------------------
@@ -234,7 +225,7 @@ def replay(
         # 2. the window's traffic, oldest first
         part = data.rows(name, rows_per_window, seed + i)
         answers = server.predict(_records(part, columns)) if len(part) else []
-        truth = [_label(v) for v in part[data.label]]
+        truth = [plain_value(v) for v in part[data.label]]
         sent[name] = [(a["id"], y) for a, y in zip(answers, truth)]
         if label_delay == 0:
             due, posted = name, _post_labels(server, sent[name], label_share, rng, f"replay-{name}-labels")

@@ -59,7 +59,13 @@ def run_monitor(
     name = cfg.registry.name
     empty = MonitorResult(name, "", "insufficient", skipped=["window: no predictions in the log for this model"])
     if window is None:
-        frame = read_window(m.store, name, m.window_rows, m.window_minutes)
+        longer = None
+        if m.label_window_rows and m.window_rows and m.window_minutes is None:
+            # One read: the window is the newest `window_rows` of the longer stretch labels come from.
+            longer = read_window(m.store, name, max(m.label_window_rows, m.window_rows))
+            frame = longer.tail(m.window_rows).reset_index(drop=True)
+        else:
+            frame = read_window(m.store, name, m.window_rows, m.window_minutes)
         if frame.empty:
             return empty
         # The version that served the newest prediction is judged, against its own reference,
@@ -69,14 +75,16 @@ def run_monitor(
         schema = reference.schema
         if schema is None and holds_records(frame):
             schema = served_schema(name, version, allow_pickle=cfg.allow_pickle)
-        shape = (reference.x.shape[1], reference.probabilities.shape[1])
-        window = window_from_frame(frame, name, *shape, schema=schema, slicer=reference.input_slicer())
+        shape, slicer = (reference.x.shape[1], reference.probabilities.shape[1]), reference.input_slicer()
+        window = window_from_frame(frame, name, *shape, schema=schema, slicer=slicer)
         if m.label_window_rows:
-            labelled = feedback_frame(m.store, name, frame, m.label_window_rows)
+            if longer is None:  # a window by minutes (or the whole log): the labels' stretch is read by rows
+                longer = read_window(m.store, name, max(m.label_window_rows, len(frame)))
+            labelled = feedback_frame(longer, version)
             if not labelled.empty:
                 window = dataclasses.replace(
                     window,
-                    feedback=window_from_frame(labelled, name, *shape, schema=schema, slicer=reference.input_slicer()),
+                    feedback=window_from_frame(labelled, name, *shape, schema=schema, slicer=slicer),
                 )
     elif window.rows:
         reference = load_reference(name, window.model_version, cfg.tracking.uri)

@@ -364,12 +364,11 @@ def quality_metrics(
     pred, labels = window.predicted[labelled], window.labels[labelled].astype(int)
     snapshot, out["accuracy"] = quality_report(pred, labels, reference)
     out["accuracy_drop"] = reference.true_accuracy - out["accuracy"]
-    reference_hits = (reference.predicted == reference.labels)[true]
-    out["accuracy_drop_p_value"] = drop_p_value(pred == labels, reference_hits)
+    reference_hits = reference.predicted == reference.labels
+    out["accuracy_drop_p_value"] = drop_p_value(pred == labels, reference_hits[true])
     judged: list[tuple[float, float]] = []  # (drop, p-value) per slice
     for name, values in window.slices.items():
         ref_values = reference.slices.get(name)
-        ref_values = None if ref_values is None else np.where(true, ref_values, "\0")  # teacher-labelled: no slice
         for level in sorted(set(values[labelled]) - {""}):
             rows = values[labelled] == level
             if rows.sum() < cfg.min_slice_rows:
@@ -377,12 +376,11 @@ def quality_metrics(
                 continue
             acc = evidently_accuracy(pred[rows], labels[rows])
             out[f"accuracy_slice_{name}_{level}"] = acc
-            if ref_values is not None and (ref_values == level).sum() >= cfg.min_slice_rows:
-                in_ref = ref_values == level
+            in_ref = None if ref_values is None else true & (ref_values == level)  # true-labelled rows only
+            if in_ref is not None and in_ref.sum() >= cfg.min_slice_rows:
                 drop = _accuracy(reference.predicted[in_ref], reference.labels[in_ref]) - acc
                 out[f"accuracy_drop_slice_{name}_{level}"] = drop
-                hits = (reference.predicted == reference.labels)[in_ref]
-                judged.append((drop, drop_p_value(pred[rows] == labels[rows], hits)))
+                judged.append((drop, drop_p_value(pred[rows] == labels[rows], reference_hits[in_ref])))
     if judged:
         # p-values Bonferroni-corrected over the slices compared (or some slice would always look
         # significant); the signal is the worst significant drop, else the worst drop.

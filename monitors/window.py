@@ -234,14 +234,12 @@ def window_from_frame(
     )
 
 
-def feedback_frame(store: str, model_name: str, frame: pd.DataFrame, rows: int) -> pd.DataFrame:
-    """The labelled predictions of the version that served `frame`'s newest row, among the latest
-    `rows` of the log (`monitor.label_window_rows`): labels that arrived late for predictions
-    before the window count, each under the version that made the prediction it labels."""
-    version = served_version(frame)
-    longer = read_window(store, model_name, rows=max(rows, len(frame)))
+def feedback_frame(longer: pd.DataFrame, version: str) -> pd.DataFrame:
+    """The labelled predictions of `version` in `longer`, the latest `monitor.label_window_rows`
+    of the log: labels that arrived late for predictions before the window count, each under the
+    version that made the prediction it labels."""
     if longer.empty or "label" not in longer.columns:
-        return longer
+        return longer.iloc[0:0]
     keep = (longer["model_version"].astype(str) == version) & pd.to_numeric(longer["label"], errors="coerce").notna()
     return longer[keep].reset_index(drop=True)
 

@@ -56,7 +56,7 @@ def _row_label(frame: pd.DataFrame, position: int) -> str:
     return f"row {position}" if label == position else f"row {position} (index {label!r})"
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """A numpy scalar as the Python value JSON and responses carry."""
     return value.item() if isinstance(value, np.generic) else value
 
@@ -148,7 +148,7 @@ class TableSchema:
         return {
             "kd_ops_table_schema": SCHEMA_VERSION,
             "label": self.label,
-            "classes": [_plain(c) for c in self.classes],
+            "classes": [plain_value(c) for c in self.classes],
             "time": self.time,
             "slices": list(self.slices),
             "min_category_count": self.min_category_count,
@@ -245,10 +245,9 @@ class TableSchema:
         return pd.DataFrame(data)
 
 
-
 def _key(value: Any) -> Any:
     """Labels compare as the user wrote them, but 1, 1.0 and np.int64(1) are one label."""
-    value = _plain(value)
+    value = plain_value(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -464,7 +463,7 @@ def label_classes(labels: pd.Series, where: str) -> tuple[tuple[Any, ...], np.nd
     if len(classes) > 1000:
         raise ConfigError(f"data.label = {labels.name!r}: {len(classes)} classes; is this a regression target?")
     lookup = {c: i for i, c in enumerate(classes)}
-    return tuple(_plain(c) for c in classes), keys.map(lookup).to_numpy(dtype=np.int64)
+    return tuple(plain_value(c) for c in classes), keys.map(lookup).to_numpy(dtype=np.int64)
 
 
 def time_values(frame: pd.DataFrame, column: str, where: str) -> np.ndarray:

@@ -75,7 +75,7 @@ def refit_teachers(
             run_name=f"teacher-refit-{i}" if cfg.teachers else "teacher-refit",
             tags={
                 tracking.TAG_ROLE: "teacher-refit",
-                TAG_REFIT_FROM: previous_uri.split(",")[i] if "," in previous_uri else previous_uri,
+                TAG_REFIT_FROM: previous_uri.split(",")[i],
                 TAG_REFIT_ROWS: str(len(y)),
                 **tags,
             },
