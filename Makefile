@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export EVIDENTLY_DISABLE_TELEMETRY := 1
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 
-.PHONY: install demo test bench clean postgres-binaries chromium screenshots
+.PHONY: install demo test bench clean postgres-binaries chromium screenshots fashion-mnist
 
 install: $(STAMP)
 
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/kd-ops demo
 
-test: $(STAMP) postgres-binaries chromium
+test: $(STAMP) postgres-binaries chromium fashion-mnist
 	$(BIN)/python -m pytest
 
 # The browser test (tests/test_ui.py) drives Debian's Chromium with Playwright; no browser download.
@@ -39,6 +39,16 @@ chromium:
 	    echo "==> installing Debian's chromium (the browser test)" && \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "kd-ops: Chromium is missing; the browser test will fail (apt-get install chromium)"
+
+# Fashion-MNIST (data.name: fashion-mnist) is read from Debian's dataset-fashion-mnist package: the
+# original IDX files under /usr/share/datasets/fashion-mnist, 30 MB, no download at run time.
+fashion-mnist:
+	@ls /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    echo "==> installing Debian's dataset-fashion-mnist (data.name: fashion-mnist)" && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; }; } || \
+	  echo "kd-ops: Fashion-MNIST is missing; its tests will fail (apt-get install dataset-fashion-mnist)"
 
 # The screenshots in docs/img/: the browser test's pages, over a short loop of its own.
 screenshots: $(STAMP) chromium

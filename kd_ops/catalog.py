@@ -30,7 +30,10 @@ def check_components(cfg: ExperimentConfig, source: str) -> None:
             problems.append(f"{key} = {name!r}: {exc}")
             return None
 
+    from kd_ops.distill.recipes import RECIPES
+
     raw = None if cfg.data.is_file else lookup(DATASETS, "data.name", cfg.data.name)
+    lookup(RECIPES, "distill.recipe", cfg.distill.recipe)
     for i, section in enumerate([cfg.teacher, *cfg.teachers]):
         key = "teacher" if i == 0 else f"teachers.{i - 1}"
         for j, kind in enumerate(section.augment):
@@ -86,14 +89,9 @@ def check_components(cfg: ExperimentConfig, source: str) -> None:
 def is_table(cfg: ExperimentConfig) -> bool:
     """Whether the config's data is a table: a file, a label column (a DataFrame given through the
     Python API), or a registered dataset that is one."""
-    if cfg.data.is_file or cfg.data.label:
-        return True
-    from kd_ops.data.datasets import DATASETS, TableSource
+    from kd_ops.data.datasets import names_a_table
 
-    try:
-        return isinstance(DATASETS.get(cfg.data.name)(), TableSource)
-    except (UnknownComponentError, PluginError):  # reported under data.name by check_components
-        return False
+    return names_a_table(cfg.data)
 
 
 def with_table_defaults(cfg: ExperimentConfig, table: bool) -> ExperimentConfig:

@@ -154,8 +154,10 @@ def config_from_dict(raw: Any, source: str = "<dict>", set_keys: set[str] | None
         lines = _error_lines(err, set_keys or set())
         raise ConfigError(f"invalid config {source}:\n  " + "\n  ".join(lines)) from None
     from kd_ops.catalog import check_components, is_table, with_table_defaults  # imports the registries (torch)
+    from kd_ops.distill.recipes import with_recipe
 
-    cfg = with_table_defaults(cfg, is_table(cfg))
+    table = is_table(cfg)
+    cfg = with_recipe(with_table_defaults(cfg, table), table)
     check_components(cfg, source)
     return cfg
 

@@ -31,6 +31,13 @@ class DataConfig(_Section):
         " the first student was distilled; `kd-ops replay` sends the later rows as traffic)",
     )
     train_fraction: float = Field(1.0, gt=0, le=1, description="share of the training split used as transfer set")
+    labelled_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of the transfer set that keeps its labels (stratified); the rest is unlabelled: the"
+        " student learns it from the teacher's outputs alone and the labels-only baseline never sees it",
+    )
     exclude_classes: list[int] = Field(default_factory=list, description="classes left out of the transfer set")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
@@ -109,12 +116,33 @@ class DistillConfig(_Section):
     losses: list[LossSpec] = Field(default_factory=list, description="further weighted loss terms")
     temperature: float = Field(4.0, gt=0)
     kd_weight: float = Field(0.9, ge=0)
+    method_weight: float | None = Field(
+        None,
+        ge=0,
+        description="weight of a feature or relation method's own term (crd, rkd, pkt, hint, attention), which"
+        " trains beside plain KD at kd_weight; default: the method's own (docs/methods.md)",
+    )
     ce_weight: float = Field(0.1, ge=0)
     jitter: float = Field(
         0.0, ge=0, description="std of Gaussian noise (in standardized units) added to transfer inputs each step"
     )
     mixup: float = Field(
         0.0, ge=0, description="mixup Beta(a, a) on transfer inputs each step (0 = off); the teacher labels the blends"
+    )
+    cutmix: float = Field(
+        0.0, ge=0, description="CutMix Beta(a, a) boxes on image inputs each step (0 = off); with mixup, one per batch"
+    )
+    swap_noise: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of feature values replaced by the same column's value in another row of the batch"
+        " (tables and images; 0 = off): new inputs for the teacher to label",
+    )
+    recipe: str = Field(
+        "standard",
+        description="a preset of the keys above: function_matching (Beyer et al. 2022) has teacher and student"
+        " see the same fresh augmented view each step, for a long schedule; keys you set win over it",
     )
     baseline: bool = Field(True, description="also train the student on labels alone, for comparison")
     combine: Literal["average", "weights", "confidence"] = Field(

@@ -37,12 +37,39 @@ class Splits:
     test: np.ndarray
     transfer: np.ndarray
     input_slices: Slicer = field(default_factory=lambda: InputSlices((0.0, 0.0)))
+    # The transfer rows that keep their labels (`data.labelled_fraction`); None: all of them.
+    labelled: np.ndarray | None = None
+
+    @property
+    def labelled_rows(self) -> np.ndarray:
+        """The transfer rows whose labels training may read (the labels-only baseline's rows)."""
+        return self.transfer if self.labelled is None else self.labelled
 
 
-def split_rows(y: np.ndarray, cfg: DataConfig, seed: int, order: np.ndarray | None = None) -> Splits:
+def _stratified_subset(rows: np.ndarray, y: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """`share` of `rows`, stratified by label where there are enough rows for every class."""
+    n_keep = max(int(round(share * len(rows))), 1)
+    if n_keep >= len(rows):
+        return rows
+    if n_keep < len(np.unique(y[rows])):  # too few rows to stratify: a plain random subset
+        return np.sort(np.random.default_rng(seed).choice(rows, size=n_keep, replace=False))
+    keep, _ = train_test_split(rows, train_size=n_keep, stratify=y[rows], random_state=seed)
+    return np.sort(keep)
+
+
+def split_rows(
+    y: np.ndarray, cfg: DataConfig, seed: int, order: np.ndarray | None = None, test: np.ndarray | None = None
+) -> Splits:
     """Train, val, test and transfer rows. With `order` (row positions in time order) the split is
-    by time: the earliest rows train, the next validate, the latest test; else stratified at random."""
-    if order is not None:
+    by time: the earliest rows train, the next validate, the latest test; with `test` (a dataset's
+    own test rows) val is drawn stratified from the other rows; else stratified at random."""
+    if test is not None:
+        rest = np.setdiff1d(np.arange(len(y)), test)
+        try:
+            train, val = train_test_split(rest, test_size=cfg.val_fraction, stratify=y[rest], random_state=seed)
+        except ValueError as exc:
+            raise ConfigError(f"data: cannot split the rows stratified by label: {exc}") from None
+    elif order is not None:
         n = len(order)
         n_test = max(int(round(cfg.test_fraction * n)), 1)
         n_val = max(int(round(cfg.val_fraction * n)), 1)
@@ -61,20 +88,16 @@ def split_rows(y: np.ndarray, cfg: DataConfig, seed: int, order: np.ndarray | No
 
     transfer = train[~np.isin(y[train], cfg.exclude_classes)]
     if cfg.train_fraction < 1.0:
-        n_keep = max(int(round(cfg.train_fraction * len(transfer))), 1)
-        n_classes_left = len(np.unique(y[transfer]))
-        if n_keep < n_classes_left:
-            # Too few rows to stratify: keep a plain random subset.
-            rng = np.random.default_rng(seed)
-            transfer = np.sort(rng.choice(transfer, size=n_keep, replace=False))
-        elif n_keep < len(transfer):
-            transfer, _ = train_test_split(transfer, train_size=n_keep, stratify=y[transfer], random_state=seed)
-            transfer = np.sort(transfer)
-    return Splits(train, val, test, transfer)
+        transfer = _stratified_subset(transfer, y, cfg.train_fraction, seed)
+    labelled = None
+    if cfg.labelled_fraction < 1.0:
+        # Its own stream of randomness: the same labelled rows whatever else the seed draws.
+        labelled = _stratified_subset(transfer, y, cfg.labelled_fraction, seed + 7919)
+    return Splits(train, val, test, transfer, labelled=labelled)
 
 
 def make_splits(ds: RawDataset, cfg: DataConfig, seed: int) -> Splits:
-    splits = split_rows(ds.y, cfg, seed)
+    splits = split_rows(ds.y, cfg, seed, test=ds.test_rows)
     splits.input_slices = InputSlices.fit(ds.x[splits.train])
     return splits
 
@@ -184,16 +207,23 @@ def with_extra_rows(ds: RawDataset, splits: Splits, extra: ExtraRows) -> tuple[R
         y=np.concatenate([ds.y, extra.y.astype(np.int64)]),
     )
     new = np.arange(n, n + len(extra.y))
+    labelled = None if splits.labelled is None else np.concatenate([splits.labelled, new])  # teacher's or true
     return raw, Splits(
-        splits.train, splits.val, splits.test, np.concatenate([splits.transfer, new]), splits.input_slices
+        splits.train, splits.val, splits.test, np.concatenate([splits.transfer, new]), splits.input_slices, labelled
     )
+
+
+ROLES = {"train": "train", "transfer": "transfer", "labelled": "labelled_rows"}  # role -> rows of Splits
+UNLABELLED = -1  # the label a batch carries for a row whose label training may not read
 
 
 class DistillDataModule(L.LightningDataModule):
     """One dataset, split once per seed; `role` picks which rows `train_dataloader` serves.
 
     Batches are `(x, y, index)`: the row index lets a loss look up cached teacher outputs.
-    `extra` rows are appended to the dataset and join the transfer set only.
+    `extra` rows are appended to the dataset and join the transfer set only. Roles: `train` (the
+    teacher's rows), `transfer` (the student's: with `data.labelled_fraction` < 1 its unlabelled
+    rows carry the label -1, which cross-entropy skips) and `labelled` (the labels-only baseline's).
     """
 
     def __init__(
@@ -208,8 +238,8 @@ class DistillDataModule(L.LightningDataModule):
         """`frame`: a pandas DataFrame given through the Python API (`run_distillation(data=...)`),
         read with the config's `data.*` keys; `base_dir`: where a relative `data.path` starts."""
         super().__init__()
-        if role not in ("train", "transfer"):
-            raise ValueError(f"role must be 'train' or 'transfer', got {role!r}")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         self.cfg, self.seed, self.role, self.extra = cfg, seed, role, extra
         self.frame, self.base_dir = frame, base_dir
         self.raw: RawDataset | None = None
@@ -288,8 +318,9 @@ class DistillDataModule(L.LightningDataModule):
         return float(x.mean()), float(x.std() + 1e-6)
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        self.setup()
-        rows = getattr(self.splits, split)
+        """Raw rows and their true labels of a split or role (`transfer` holds unlabelled rows too:
+        what training may read of their labels is the `labelled` role's)."""
+        rows = self.rows(split)
         return self.raw.x[rows], self.raw.y[rows]
 
     def slices(self, split: str) -> dict[str, np.ndarray]:
@@ -327,15 +358,23 @@ class DistillDataModule(L.LightningDataModule):
         for part in ("train", "val", "test", "transfer"):
             h.update(part.encode())
             h.update(getattr(self.splits, part).tobytes())
+        if self.splits.labelled is not None:  # which labels training reads shapes the result too
+            h.update(b"labelled")
+            h.update(self.splits.labelled.tobytes())
         return h.hexdigest()[:16]
 
     # -- loaders ---------------------------------------------------------------------------
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def rows(self, split: str) -> np.ndarray:
+        """The dataset rows of a split or a role (`labelled`: the transfer rows that keep labels)."""
         self.setup()
-        rows = getattr(self.splits, split)
-        ds = TensorDataset(
-            torch.from_numpy(self.raw.x[rows]), torch.from_numpy(self.raw.y[rows]), torch.from_numpy(rows)
-        )
+        return getattr(self.splits, ROLES.get(split, split))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        rows = self.rows(split)
+        y = self.raw.y[rows]
+        if split == "transfer" and self.splits.labelled is not None:
+            y = np.where(np.isin(rows, self.splits.labelled), y, UNLABELLED)
+        ds = TensorDataset(torch.from_numpy(self.raw.x[rows]), torch.from_numpy(y), torch.from_numpy(rows))
         gen = torch.Generator().manual_seed(self.seed)
         # Under DDP each process loads its share of every batch: the effective batch, and so the
         # number of optimizer steps, stays what the config says whatever the number of processes.

@@ -8,9 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kd_ops.core.errors import ConfigError
 from kd_ops.core.registry import Registry
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import pandas as pd
 
     from kd_ops.data.tables import TableSchema
@@ -27,6 +30,12 @@ class RawDataset:
     n_classes: int
     max_value: float = 1.0  # the largest pixel value: corruptions stay within [0, max_value]
     table: "TableSchema | None" = None  # a table: x holds its encoded rows (kd_ops.data.tables)
+    # The dataset's own test rows (Fashion-MNIST's 10,000): every seed tests on them and
+    # `data.test_fraction` does not apply; None: the test split is drawn per seed.
+    test_rows: np.ndarray | None = None
+    # What each class index means, where the data says (documentation: served predictions,
+    # slices and metrics name classes by index, as for every image set).
+    class_names: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,21 @@ class TableSource:
 
 
 DATASETS: Registry = Registry("dataset")
+
+
+def names_a_table(data: Any) -> bool:
+    """Whether a `data` config section is a table: a file, a label column (a DataFrame given
+    through the Python API), or a registered dataset that is one (an unknown or refused name is
+    not: the config check reports it under `data.name`)."""
+    from kd_ops.core.plugins import PluginError
+    from kd_ops.core.registry import UnknownComponentError
+
+    if data.is_file or data.label:
+        return True
+    try:
+        return isinstance(DATASETS.get(data.name)(), TableSource)
+    except (UnknownComponentError, PluginError):
+        return False
 
 
 def register_dataset(name: str):
@@ -70,6 +94,66 @@ def load_mnist5k() -> RawDataset:
 
     x, y = mnist_data()
     return RawDataset("mnist5k", x.astype(np.float32), y.astype(np.int64), (1, 28, 28), 10, 255.0)
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+class DatasetUnavailable(ConfigError):
+    """A registered dataset whose files are not on this machine; the message says how to get them."""
+
+
+def read_idx(path: "Path") -> np.ndarray:
+    """An IDX file (LeCun's MNIST format, gzipped or not) as a uint8 array of its shape."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape}, the file holds {body.size} values")
+    return body.reshape(shape)
+
+
+@DATASETS.register("fashion-mnist")
+@functools.cache
+def load_fashion_mnist() -> RawDataset:
+    """Fashion-MNIST (Xiao et al. 2017): 70,000 28x28 greyscale images of clothing, 10 classes,
+    with its own split: the 60,000 training images (val is drawn from them) and the 10,000 test
+    images, which every seed tests on. Read from Debian's `dataset-fashion-mnist` package (the
+    original IDX files under /usr/share/datasets/fashion-mnist; `KD_OPS_FASHION_MNIST_DIR` points
+    elsewhere). MIT licence, Zalando Research."""
+    import os
+    from pathlib import Path
+
+    folder = Path(os.environ.get("KD_OPS_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    paths = []
+    for name in names:
+        found = [folder / f"{name}{ext}" for ext in (".gz", "") if (folder / f"{name}{ext}").is_file()]
+        if not found:
+            raise DatasetUnavailable(
+                f"data.name = 'fashion-mnist': {folder / name}.gz is missing. Install Debian's package "
+                "(sudo apt-get install dataset-fashion-mnist; `make test` does it where it may) or set "
+                "KD_OPS_FASHION_MNIST_DIR to a folder holding the four original IDX files"
+            )
+        paths.append(found[0])
+    try:
+        x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
+    except ValueError as exc:
+        raise DatasetUnavailable(f"data.name = 'fashion-mnist': {exc}") from None
+    x = np.concatenate([x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)]).astype(np.float32)
+    y = np.concatenate([y_train, y_test]).astype(np.int64)
+    test = np.arange(len(x_train), len(x))
+    return RawDataset("fashion-mnist", x, y, (1, 28, 28), 10, 255.0, test_rows=test, class_names=FASHION_MNIST_CLASSES)
 
 
 def _rdataset(package: str, item: str) -> "pd.DataFrame":

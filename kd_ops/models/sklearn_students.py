@@ -290,7 +290,13 @@ def sklearn_size(est: BaseEstimator) -> dict[str, int]:
 
 
 def distill_to_sklearn(
-    p: Any, temperature: float, teacher: Any, dm: Any, seed: int, estimator: BaseEstimator | None = None
+    p: Any,
+    temperature: float,
+    teacher: Any,
+    dm: Any,
+    seed: int,
+    estimator: BaseEstimator | None = None,
+    hard_share: float = 0.0,
 ) -> BaseEstimator:
     """Fit the configured sklearn student (`p`: the `sklearn` strategy's params) on the teacher's
     soft targets at `temperature` over the transfer set.
@@ -298,19 +304,23 @@ def distill_to_sklearn(
     Jittered copies of the transfer rows (`jitter_copies`) are labelled by the teacher too: a
     tree cannot generalise between rows it never saw, so the teacher fills the gaps. With
     `hard_labels` the same model is fitted on the true labels of the plain transfer set: the
-    baseline. `estimator`: the user's own (Python API), fitted instead of the named `p.model`.
+    baseline, on the transfer rows that keep their labels only (`data.labelled_fraction`).
+    `hard_share`: on rows with a label, that share of the target is the one-hot label and the rest
+    the teacher's (`ce_weight / (ce_weight + kd_weight)`); unlabelled rows get the teacher's alone.
+    `estimator`: the user's own (Python API), fitted instead of the named `p.model`.
     Returns the plain fitted estimator when it knows every class (so the registered
     model loads without kd-ops), the all-class wrapper otherwise.
     """
     import torch
     from threadpoolctl import threadpool_limits
 
-    x, y = dm.arrays("transfer")
     n_classes = dm.n_classes
     schema = getattr(dm, "schema", None)
     if p.hard_labels:
-        x_fit, probs = x, np.eye(n_classes)[y]
+        x_fit, y = dm.arrays("labelled")
+        probs = np.eye(n_classes)[y]
     else:
+        x, _ = dm.arrays("transfer")
         if p.jitter_copies and getattr(dm, "schema", None) is not None:
             from kd_ops.core.errors import ConfigError
 
@@ -322,6 +332,11 @@ def distill_to_sklearn(
                 [teacher(torch.as_tensor(x_fit[i : i + 1024], dtype=torch.float32)) for i in range(0, len(x_fit), 1024)]
             )
         probs = (logits.float() / temperature).softmax(1).numpy().astype(np.float64)
+        if hard_share > 0:  # the true label where the row keeps one (the plain rows come first)
+            rows, labelled = dm.rows("transfer"), dm.rows("labelled")
+            has = np.isin(rows, labelled)
+            onehot = np.eye(n_classes)[dm.raw.y[rows[has]]]
+            probs[: len(rows)][has] = hard_share * onehot + (1 - hard_share) * probs[: len(rows)][has]
     with threadpool_limits(limits=1):  # sklearn's OpenMP threads fight torch's on a small machine
         if estimator is not None:
             model = soft_classifier(clone(estimator), p.min_weight, schema).fit(x_fit, probs)

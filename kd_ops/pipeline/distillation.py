@@ -80,6 +80,9 @@ class DistillResult:
 # -- training helpers ---------------------------------------------------------------------------
 
 
+VALIDATIONS_PER_RUN = 50
+
+
 def _trainer(cfg: ExperimentConfig, epochs: int, run_id: str) -> L.Trainer:
     return L.Trainer(
         max_epochs=epochs,
@@ -93,6 +96,9 @@ def _trainer(cfg: ExperimentConfig, epochs: int, run_id: str) -> L.Trainer:
         enable_model_summary=False,
         deterministic=cfg.train.deterministic,
         log_every_n_steps=1,
+        # About 50 validations a run: a tiny labelled set makes thousands of one-batch epochs,
+        # and validating after each would cost more than the training itself.
+        check_val_every_n_epoch=max(1, epochs // VALIDATIONS_PER_RUN),
     )
 
 
@@ -102,7 +108,7 @@ def _epochs(section: ModelSection, dm: DistillDataModule) -> int:
     A 10% transfer set has a tenth of the steps per epoch; distillation in particular needs
     the updates, not the passes, so the step budget is what a config can pin.
     """
-    n_rows = len(getattr(dm.splits, dm.role))
+    n_rows = len(dm.rows(dm.role))
     steps_per_epoch = math.ceil(n_rows / dm.cfg.batch_size)
     return max(section.epochs, math.ceil(section.min_steps / steps_per_epoch))
 
@@ -113,6 +119,18 @@ def _fit(cfg: ExperimentConfig, module: L.LightningModule, dm: DistillDataModule
     mlflow.log_param("effective_epochs", epochs)
     t0 = time.perf_counter()
     _trainer(cfg, epochs, run_id).fit(module, datamodule=dm)
+    return time.perf_counter() - t0
+
+
+def _fit_own_batches(cfg: ExperimentConfig, module: L.LightningModule, dm: DistillDataModule) -> float:
+    """Train a module on the batches it makes itself (`module.synthetic_loader()`, for
+    `module.epochs` epochs), validating on the real val split: a data-free student."""
+    run_id = mlflow.active_run().info.run_id
+    mlflow.log_param("effective_epochs", module.epochs)
+    t0 = time.perf_counter()
+    _trainer(cfg, module.epochs, run_id).fit(
+        module, train_dataloaders=module.synthetic_loader(), val_dataloaders=dm.val_dataloader()
+    )
     return time.perf_counter() - t0
 
 
@@ -324,11 +342,11 @@ def _teacher_outputs(
     cache_cfg = method_cfg.cache
     if not cache_cfg.enabled or not any(t.needs_teacher for t in terms):
         return None
-    if method_cfg.mixup or method_cfg.jitter:
+    changing = {k: getattr(method_cfg, k) for k in ("mixup", "cutmix", "swap_noise", "jitter")}
+    if any(changing.values()):
         log.warning(
-            "teacher-output cache bypassed: inputs change every step (mixup=%s, jitter=%s); the teacher runs each step",
-            method_cfg.mixup,
-            method_cfg.jitter,
+            "teacher-output cache bypassed: inputs change every step (%s); the teacher runs each step",
+            ", ".join(f"{k}={v}" for k, v in changing.items() if v),
         )
         mlflow.set_tag("kd_ops.teacher_cache", "bypassed: augmentation")
         return None
@@ -400,6 +418,9 @@ class _Trainer:
             weight_decay=self.cfg.student.weight_decay,
             jitter=method_cfg.jitter,
             mixup=method_cfg.mixup,
+            cutmix=method_cfg.cutmix,
+            swap_noise=method_cfg.swap_noise,
+            input_shape=self.dm.input_shape if method_cfg.cutmix else None,
             rows=self.ctx.transfer_dm.splits.transfer,
         )
 
@@ -420,10 +441,13 @@ class _Trainer:
             ) from None
         return module
 
-    def fit(self, module: L.LightningModule) -> float:
+    def fit(self, module: L.LightningModule, rows: str = "transfer") -> float:
         L.seed_everything(self.cfg.seed + 2, workers=True, verbose=False)
         try:
-            return _fit(self.cfg, module, self.ctx.transfer_dm, self.cfg.student)
+            if rows == "none":  # the module brings its own batches (synthetic inputs): no training row is read
+                return _fit_own_batches(self.cfg, module, self.ctx.transfer_dm)
+            dm = self.ctx.transfer_dm if rows == "transfer" else self.ctx.transfer_dm.with_role(rows)
+            return _fit(self.cfg, module, dm, self.cfg.student)
         finally:
             if hasattr(module, "close"):
                 module.close()
@@ -448,6 +472,8 @@ def _student_stage(
         ctx.runs[role] = run.info.run_id
         if role == "student":
             ctx.log_inputs(*STUDENT_INPUTS, extra=True)
+        elif ctx.dm.splits.labelled is not None:  # the labels-only student saw the labelled rows alone
+            ctx.log_inputs((TRAINING, "labelled"), VALIDATION, TEST)
         else:
             ctx.log_inputs(*BASELINE_INPUTS)
         mlflow.log_params({**_Trainer(ctx).student_params(), **strategy.run_params()})
@@ -559,7 +585,12 @@ def run_distillation(
         masked(uri) if "://" in uri else uri,  # a password in a server URL never reaches a log
         len(dm.splits.train),
         len(dm.splits.transfer),
-        f" ({n_extra} of them extra)" if n_extra else "",
+        "".join(
+            [
+                f" ({n_extra} of them extra)" if n_extra else "",
+                f" ({len(dm.splits.labelled)} of them labelled)" if dm.splits.labelled is not None else "",
+            ]
+        ),
         len(dm.splits.val),
         len(dm.splits.test),
     )

@@ -109,17 +109,18 @@ def table_defaults(cfg: ExperimentConfig, dm: DistillDataModule) -> ExperimentCo
     """The table defaults of `kd_ops.catalog.with_table_defaults` (a DataFrame through the Python
     API is known to be a table only now), and what a table cannot take."""
     from kd_ops.catalog import with_table_defaults
+    from kd_ops.distill.recipes import with_recipe
 
     if dm.schema is None:
-        return cfg
-    cfg = with_table_defaults(cfg, True)
+        return with_recipe(cfg, False)
+    cfg = with_recipe(with_table_defaults(cfg, True), True)
     if cfg.evaluation.robustness:
         raise ConfigError("evaluation.robustness: its corruptions (noise, shift, contrast) are for images, not tables")
-    for key in ("mixup", "jitter"):
+    for key in ("mixup", "cutmix", "jitter"):
         if getattr(cfg.distill, key):
             raise ConfigError(
-                f"distill.{key}: blends and noise of encoded table rows (category indices) are not tables; "
-                "set it to 0 for tabular data"
+                f"distill.{key}: blends, boxes and noise of encoded table rows (category indices) are not tables; "
+                "set it to 0 for tabular data (distill.swap_noise is the augmentation a table takes)"
             )
     return cfg
 

@@ -23,12 +23,22 @@ def build_loss(name: str, weight: float, params: dict, temperature: float) -> Di
 def build_losses(cfg: DistillConfig, own: str | None = None) -> list[DistillLoss]:
     """The weighted loss terms (besides cross-entropy) a student of this config trains with: `own`
     (the method's loss against the teacher, weight `kd_weight`; by default `distill.method` when it
-    names a loss), then `distill.losses`."""
+    names a loss; a loss that declares `with_kd` comes with plain KD at `kd_weight` and itself at
+    its `method_weight`), then `distill.losses`."""
     terms: list[DistillLoss] = []
     own = own if own is not None else (cfg.method if cfg.method in LOSSES else None)
     if own is not None:
         params = cfg.params if cfg.method == own else {}
-        terms.append(build_loss(own, cfg.kd_weight, params, cfg.temperature))
+        cls = LOSSES.get(own)
+        given_kd = any(spec.name == "kd" for spec in cfg.losses)  # the user weighs KD: no second one
+        if cls.with_kd and own != "kd" and not given_kd:  # the paper's recipe: KD at kd_weight, this beside it
+            terms.append(build_loss("kd", cfg.kd_weight, {}, cfg.temperature))
+            weight = cfg.method_weight if cfg.method_weight is not None else cls.method_weight
+        elif cls.with_kd and own != "kd":
+            weight = cfg.method_weight if cfg.method_weight is not None else cls.method_weight
+        else:
+            weight = cfg.method_weight if cfg.method_weight is not None else cfg.kd_weight
+        terms.append(build_loss(own, weight, params, cfg.temperature))
     for spec in cfg.losses:
         terms.append(build_loss(spec.name, spec.weight, spec.params, cfg.temperature))
     return terms

@@ -72,6 +72,8 @@ def attention_loss(
 @register_loss("attention")
 class Attention(DistillLoss):
     """Attention transfer over (student path, teacher path) pairs of conv feature maps."""
+    with_kd = True
+    method_weight = 1.0
 
     class Params(Params):
         pairs: list[tuple[str, str]] = Field(min_length=1, description="[[student_path, teacher_path], ...]")

@@ -46,6 +46,12 @@ class DistillLoss(nn.Module):
     Params: ClassVar[type[Params]] = Params
     needs_teacher: ClassVar[bool] = True
     needs_index: ClassVar[bool] = False  # reads Step.index (memory banks): row order must be stable
+    # As `distill.method`: whether plain KD (weight `kd_weight`) trains beside this term, as its
+    # paper trained it (CRD, RKD, PKT and FitNets students all keep the KD and label terms: a
+    # feature or relation term alone transfers structure but not the teacher's answers), and
+    # this term's weight then (`distill.method_weight` overrides it).
+    with_kd: ClassVar[bool] = False
+    method_weight: ClassVar[float] = 1.0
 
     def __init__(self, weight: float, params: Params, temperature: float):
         super().__init__()

@@ -174,6 +174,8 @@ class CRDLoss(nn.Module):
 
 @register_loss("crd")
 class CRD(PairLoss):
+    with_kd = True
+    method_weight = 0.8
     needs_index = True
 
     class Params(EmbeddingParams):

@@ -66,6 +66,8 @@ class HintLoss(nn.Module):
 @register_loss("hint")
 class Hint(PairLoss):
     """FitNets hint: `student` module path regressed onto `teacher` module path."""
+    with_kd = True
+    method_weight = 1.0
 
     class Params(Params):
         student: str

@@ -56,6 +56,8 @@ def pkt_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, eps: float = 
 
 @register_loss("pkt")
 class PKT(PairLoss):
+    with_kd = True
+    method_weight = 1.0
     Params = EmbeddingParams
 
     def forward(self, step: Step) -> torch.Tensor:

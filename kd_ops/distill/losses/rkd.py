@@ -105,6 +105,8 @@ class EmbeddingParams(Params):
 
 @register_loss("rkd")
 class RKD(PairLoss):
+    with_kd = True
+    method_weight = 1.0
     class Params(EmbeddingParams):
         distance_weight: float = Field(1.0, ge=0)
         angle_weight: float = Field(2.0, ge=0)

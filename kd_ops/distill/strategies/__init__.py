@@ -1,6 +1,6 @@
 """Training strategies, one file each, found by name in one registry (`STRATEGIES`).
 
-`distill.method` names a strategy (`mutual`, `born_again`, `sklearn`, `none`) or a loss (`kd`,
+`distill.method` names a strategy (`mutual`, `born_again`, `data_free`, `sklearn`, `none`) or a loss (`kd`,
 `dkd`, `hint`, ...), which is the plain `loss_terms` strategy with that loss. `strategy_for`
 answers both; the pipeline asks it and branches on no name. Register your own with
 `@register_strategy("name")` on a `Strategy` subclass (see `kd_ops.distill.strategies.strategy`),
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from kd_ops.core.registry import UnknownComponentError
 from kd_ops.distill.losses import LOSSES
-from kd_ops.distill.strategies import born_again, mutual, scikit_learn  # noqa: F401  (registration)
+from kd_ops.distill.strategies import born_again, data_free, mutual, scikit_learn  # noqa: F401  (registration)
 from kd_ops.distill.strategies.loss_terms import LabelsOnly, LossTerms
 from kd_ops.distill.strategies.strategy import STRATEGIES, Strategy, StudentTrainer, register_strategy
 

@@ -32,7 +32,7 @@ class LossTerms(Strategy):
 
     def train(self, trainer: StudentTrainer, teacher: Any, initial: Any) -> tuple[Any, float]:
         module = trainer.distillation_module(copy.deepcopy(initial), teacher, self.cfg, self.loss_terms())
-        seconds = trainer.fit(module)
+        seconds = trainer.fit(module, self.training_rows)
         return module.export(), seconds
 
 
@@ -41,6 +41,7 @@ class LabelsOnly(LossTerms):
     """Cross-entropy on the labels alone (plus any `distill.losses` that need no teacher)."""
 
     needs_teacher: ClassVar[bool] = False
+    training_rows: ClassVar[str] = "labelled"
 
     @classmethod
     def schema_for(cls, method: str) -> type[BaseModel]:

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from kd_ops.distill.losses.kd import kd_loss
-from kd_ops.distill.module import DistillationModule
+from kd_ops.distill.module import DistillationModule, supervised_loss
 from kd_ops.distill.strategies.strategy import Strategy, StudentTrainer, register_strategy
 from kd_ops.models.zoo import Params
 
@@ -65,7 +65,7 @@ class MutualModule(DistillationModule):
         logits = [peer(x) for peer in self.peers]
         t = self.temperature
         losses = {
-            f"peer{i}": self.ce_weight * F.cross_entropy(z, y) + self.kd_weight * mutual_loss(logits, i, t)
+            f"peer{i}": self.ce_weight * supervised_loss(z, y) + self.kd_weight * mutual_loss(logits, i, t)
             for i, z in enumerate(logits)
         }
         total = sum(losses.values())

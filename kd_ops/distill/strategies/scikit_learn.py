@@ -59,5 +59,7 @@ class ScikitLearn(Strategy):
 
         t0 = time.perf_counter()
         own = getattr(trainer, "student_estimator", None)  # the user's estimator, through the Python API
-        model = distill_to_sklearn(self.params, self.cfg.temperature, teacher, trainer.dm, trainer.cfg.seed, own)
+        d = self.cfg
+        hard = d.ce_weight / (d.ce_weight + d.kd_weight) if d.ce_weight + d.kd_weight > 0 else 0.0
+        model = distill_to_sklearn(self.params, d.temperature, teacher, trainer.dm, trainer.cfg.seed, own, hard)
         return model, time.perf_counter() - t0

@@ -50,8 +50,10 @@ class StudentTrainer(Protocol):
     def distillation_module(self, student: Any, teacher: Any, method_cfg: DistillConfig, terms: list) -> Any:
         """A `DistillationModule` for `terms`, with the teacher's outputs from the cache when they can be."""
 
-    def fit(self, module: Any) -> float:
-        """Train a LightningModule on the transfer set under the run's Lightning strategy; seconds taken."""
+    def fit(self, module: Any, rows: str = "transfer") -> float:
+        """Train a LightningModule under the run's Lightning strategy; seconds taken. `rows`:
+        `transfer` (every transfer row; unlabelled ones carry label -1) or `labelled` (only the
+        transfer rows that keep their labels, `data.labelled_fraction`)."""
 
     def student_params(self) -> dict[str, Any]:
         """The student section as MLflow params (`model`, `epochs`, `model.<param>`, ...)."""
@@ -71,6 +73,9 @@ class Strategy:
     needs_teacher: ClassVar[bool] = True  # the student learns from the teacher's outputs
     network_student: ClassVar[bool] = True  # the student is built from `student.model` (else from params)
     teacher_loss: ClassVar[str | None] = None  # the loss term against the teacher, weighted `kd_weight`
+    # Which transfer rows training reads: `labelled` for a student of labels alone (it never sees
+    # the rows whose labels `data.labelled_fraction` withholds), `transfer` for all of them.
+    training_rows: ClassVar[str] = "transfer"
 
     def __init__(self, method_cfg: DistillConfig):
         self.cfg = method_cfg
@@ -105,6 +110,8 @@ class Strategy:
         out: dict[str, Any] = {"method": self.cfg.method}
         if self.needs_teacher:
             out.update(temperature=self.cfg.temperature, kd_weight=self.cfg.kd_weight)
+            if self.cfg.method_weight is not None:
+                out["method_weight"] = self.cfg.method_weight
         out.update({f"method.{k}": v for k, v in self.cfg.params.items()})
         out.update({f"loss.{i}": f"{s.name}*{s.weight}" for i, s in enumerate(self.cfg.losses)})
         return out
