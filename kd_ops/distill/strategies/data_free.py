@@ -220,6 +220,8 @@ class DataFreeModule(L.LightningModule):
             x = self.generator(self._grid_z.to(self.device)).cpu().numpy()
         c, h, w = self.generator.shape
         images = x.reshape(8, 8, c, h, w).mean(2) / self.generator.max_value  # greyscale, [0, 1]
+        images = np.pad(images, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=0.5)  # a grey rule between
+        h, w = h + 1, w + 1
         grid = images.transpose(0, 2, 1, 3).reshape(8 * h, 8 * w)
         scale = max(1, 128 // max(h, w))
         grid = np.kron(grid, np.ones((scale, scale)))
