@@ -121,8 +121,8 @@ def main() -> None:
                             if (name, seed, fraction, key) in have | _logged(log_path):  # another process?
                                 continue
                             row = _one_run(args, tmp, uri, name, seed, fraction, key, extra, arms, teacher_uri)
-                            teacher_uri = teacher_uri or row.pop("teacher_uri")
-                            row.pop("teacher_uri", None)
+                            run_teacher = row.pop("teacher_uri")  # the run's own, never logged
+                            teacher_uri = teacher_uri or run_teacher
                             done.append(row)
                             with log_path.open("a") as fh:
                                 fh.write(json.dumps(row) + "\n")

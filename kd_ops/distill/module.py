@@ -47,6 +47,15 @@ def supervised_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -(y * F.log_softmax(logits, 1)).sum() / mass
 
 
+def plain_copy(student: nn.Module) -> nn.Module:
+    """A copy of a trained student on CPU, in eval mode, without the forward hooks that taps put
+    on it: what every training module exports for evaluation and the registry."""
+    student = copy.deepcopy(student).cpu().eval()
+    for module in student.modules():
+        module._forward_hooks.clear()
+    return student
+
+
 def one_hot_known(y: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Tensor:
     """One-hot rows of class indices; a row without a label (-1) is all zeros."""
     return F.one_hot(y.clamp_min(0), n_classes).to(dtype) * (y >= 0).unsqueeze(1).to(dtype)
@@ -319,10 +328,7 @@ class DistillationModule(L.LightningModule):
 
     def export(self) -> nn.Module:
         """The plain student, on CPU, in eval mode, without hooks: what gets evaluated and registered."""
-        student = copy.deepcopy(self.student).cpu().eval()
-        for module in student.modules():
-            module._forward_hooks.clear()
-        return student
+        return plain_copy(self.student)
 
     def close(self) -> None:
         """Remove the forward hooks this module put on the student and teacher."""

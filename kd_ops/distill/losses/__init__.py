@@ -30,14 +30,12 @@ def build_losses(cfg: DistillConfig, own: str | None = None) -> list[DistillLoss
     if own is not None:
         params = cfg.params if cfg.method == own else {}
         cls = LOSSES.get(own)
-        given_kd = any(spec.name == "kd" for spec in cfg.losses)  # the user weighs KD: no second one
-        if cls.with_kd and own != "kd" and not given_kd:  # the paper's recipe: KD at kd_weight, this beside it
-            terms.append(build_loss("kd", cfg.kd_weight, {}, cfg.temperature))
-            weight = cfg.method_weight if cfg.method_weight is not None else cls.method_weight
-        elif cls.with_kd and own != "kd":
-            weight = cfg.method_weight if cfg.method_weight is not None else cls.method_weight
-        else:
-            weight = cfg.method_weight if cfg.method_weight is not None else cfg.kd_weight
+        default = cfg.kd_weight
+        if cls.with_kd:  # the paper's recipe: KD at kd_weight, this term beside it at its own weight
+            if not any(spec.name == "kd" for spec in cfg.losses):  # the user weighs KD: no second one
+                terms.append(build_loss("kd", cfg.kd_weight, {}, cfg.temperature))
+            default = cls.method_weight
+        weight = cfg.method_weight if cfg.method_weight is not None else default
         terms.append(build_loss(own, weight, params, cfg.temperature))
     for spec in cfg.losses:
         terms.append(build_loss(spec.name, spec.weight, spec.params, cfg.temperature))

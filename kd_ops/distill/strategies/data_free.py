@@ -42,6 +42,7 @@ from torch import nn
 
 from kd_ops.config.experiment import ExperimentConfig
 from kd_ops.distill.losses.kd import kd_loss
+from kd_ops.distill.module import plain_copy
 from kd_ops.distill.strategies.strategy import Strategy, StudentTrainer, register_strategy
 from kd_ops.models.zoo import Params
 
@@ -241,10 +242,7 @@ class DataFreeModule(L.LightningModule):
         self.log("val_agreement_with_teacher", (logits.argmax(1) == t.argmax(1)).float().mean(), on_epoch=True)
 
     def export(self) -> nn.Module:
-        student = copy.deepcopy(self.student).cpu().eval()
-        for module in student.modules():
-            module._forward_hooks.clear()
-        return student
+        return plain_copy(self.student)
 
     def close(self) -> None:
         if self.prior is not None:
