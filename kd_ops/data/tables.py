@@ -21,7 +21,10 @@ Defined behaviour of awkward values (documented in docs/data.md):
   serve time) -> NaN: every model treats it as missing; the monitor counts unseen values;
 - a category seen fewer than `min_category_count` times in training -> kept in the vocabulary
   (trees and user teachers see it) but shares one "rare" embedding in networks;
-- more than `max_categories` distinct values -> the most frequent are kept, the rest are unseen.
+- more than `max_categories` distinct values -> the most frequent are kept, the rest are unseen;
+- a text column (`data.text`) takes `max_length` slots of the encoded row: its token ids under
+  a tokenizer fitted on the training split, padded with 0 (`kd_ops.data.text`, which also says
+  what empty, missing, overlong and non-string texts become).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import pandas as pd
 
 from kd_ops.core.errors import ConfigError
 
-Kind = Literal["numeric", "categorical", "boolean"]
+Kind = Literal["numeric", "categorical", "boolean", "text"]
 SCHEMA_VERSION = 1
 MAX_CATEGORIES = 1000
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "1"})
@@ -73,11 +76,20 @@ class Column:
     std: float = 1.0
     missing_share: float = 0.0  # in the training split
     integer: bool = False  # numeric: the user's column held integers (its signature type is long)
+    tokenizer: str = field(default="", repr=False)  # text: the tokenizer's own JSON (`tokenizers`)
+    max_length: int = 0  # text: tokens kept per text, the slots it takes in an encoded row
+
+    @property
+    def width(self) -> int:
+        """Slots of the encoded row: one per column, `max_length` for a text column."""
+        return self.max_length if self.kind == "text" else 1
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "missing_share": self.missing_share}
         if self.kind == "categorical":
             out.update(categories=list(self.categories), counts=list(self.counts))
+        elif self.kind == "text":
+            out.update(tokenizer=self.tokenizer, max_length=self.max_length, mean=self.mean, std=self.std)
         else:
             out.update(mean=self.mean, std=self.std, integer=self.integer)
         return out
@@ -93,6 +105,8 @@ class Column:
             std=float(raw.get("std", 1.0)),
             missing_share=float(raw.get("missing_share", 0.0)),
             integer=bool(raw.get("integer", False)),
+            tokenizer=str(raw.get("tokenizer", "")),
+            max_length=int(raw.get("max_length", 0)),
         )
 
 
@@ -112,6 +126,12 @@ class TableSchema:
         for c in self.columns:
             if c.kind == "categorical":
                 self._index[c.name] = {v: i for i, v in enumerate(c.categories)}
+        starts, at = [], 0
+        for c in self.columns:
+            starts.append(at)
+            at += c.width
+        object.__setattr__(self, "_starts", tuple(starts))
+        object.__setattr__(self, "_width", at)
 
     # -- facts ------------------------------------------------------------------------------------
     @property
@@ -129,17 +149,36 @@ class TableSchema:
         raise KeyError(name)
 
     def position(self, name: str) -> int:
-        return self.names.index(name)
+        """Where the column starts in an encoded row (its index, unless a text column precedes it)."""
+        return self._starts[self.names.index(name)]
+
+    @property
+    def width(self) -> int:
+        """Slots of an encoded row: the columns, a text column counting `max_length`."""
+        return self._width
+
+    def span(self, j: int) -> slice:
+        """The slots of column `j` in an encoded row."""
+        return slice(self._starts[j], self._starts[j] + self.columns[j].width)
+
+    def offset(self, j: int) -> int:
+        """The slot of column `j` in an encoded row."""
+        return self._starts[j]
 
     def of_kind(self, kind: Kind) -> list[int]:
+        """The indices (in `columns`) of the columns of `kind`; `offset(j)` is the slot of each."""
         return [i for i, c in enumerate(self.columns) if c.kind == kind]
+
+    @property
+    def has_text(self) -> bool:
+        return any(c.kind == "text" for c in self.columns)
 
     def same_encoding(self, other: "TableSchema") -> bool:
         """Whether rows encoded with `other` mean the same to a model of this schema: the same
         columns of the same kinds, the same vocabularies (category indices), the same classes."""
 
-        def encoding(t: TableSchema) -> list[tuple[str, str, tuple[str, ...]]]:
-            return [(c.name, c.kind, c.categories) for c in t.columns]
+        def encoding(t: TableSchema) -> list[tuple[Any, ...]]:
+            return [(c.name, c.kind, c.categories, c.tokenizer, c.max_length) for c in t.columns]
 
         return encoding(self) == encoding(other) and tuple(map(_key, self.classes)) == tuple(map(_key, other.classes))
 
@@ -202,10 +241,29 @@ class TableSchema:
                     f"{where}: unknown column {unknown[0]!r}{close_matches(str(unknown[0]), self.names)}; "
                     f"the model takes {list(self.names)}"
                 )
-        out = np.empty((len(frame), len(self.columns)), dtype=np.float32)
+        return self.encode_counting(frame, where)[0]
+
+    def encode_counting(self, frame: pd.DataFrame, where: str = "data") -> tuple[np.ndarray, dict[str, int]]:
+        """`encode`, and per text column how many texts were longer than its `max_length` (and so
+        truncated): what the server and the monitor report."""
+        out = np.empty((len(frame), self.width), dtype=np.float32)
+        truncated: dict[str, int] = {}
         for j, col in enumerate(self.columns):
-            out[:, j] = self._encode_column(frame, col, where)
-        return out
+            if col.kind == "text":
+                from kd_ops.data.text import encode_texts, text_values, tokenizer_from_json
+
+                texts = text_values(frame[col.name], f"{where}: column {col.name!r}")
+                out[:, self.span(j)], cut = encode_texts(tokenizer_from_json(col.tokenizer), texts, col.max_length)
+                truncated[col.name] = int(cut.sum())
+            else:
+                out[:, self.offset(j)] = self._encode_column(frame, col, where)
+        return out, truncated
+
+    def tokenizer(self, name: str) -> Any:
+        """The `tokenizers.Tokenizer` of text column `name`."""
+        from kd_ops.data.text import tokenizer_from_json
+
+        return tokenizer_from_json(self.column(name).tokenizer)
 
     def _encode_column(self, frame: pd.DataFrame, col: Column, where: str) -> np.ndarray:
         values = frame[col.name]
@@ -234,7 +292,12 @@ class TableSchema:
         x = np.asarray(x, dtype=np.float32)
         data: dict[str, Any] = {}
         for j, col in enumerate(self.columns):
-            v = x[:, j]
+            if col.kind == "text":
+                from kd_ops.data.text import decode_texts
+
+                data[col.name] = pd.Series(decode_texts(self.tokenizer(col.name), x[:, self.span(j)]), dtype=object)
+                continue
+            v = x[:, self.offset(j)]
             if col.kind == "numeric":
                 data[col.name] = v.astype(np.float64)
             elif col.kind == "boolean":
@@ -352,10 +415,13 @@ class TableSpec:
     categorical: list[str] = field(default_factory=list)
     numeric: list[str] = field(default_factory=list)
     boolean: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)  # free text, tokenised (kd_ops.data.text)
     time: str | None = None
     slices: list[str] = field(default_factory=list)
     split: Literal["random", "time"] = "random"
     drop: list[str] = field(default_factory=list)  # columns that are never features (ids, leaks)
+    max_length: int = 128  # text: tokens kept per text
+    vocab_size: int = 8000  # text: the tokenizer's vocabulary
 
 
 def check_columns(frame: pd.DataFrame, spec: TableSpec, where: str) -> list[str]:
@@ -370,10 +436,10 @@ def check_columns(frame: pd.DataFrame, spec: TableSpec, where: str) -> list[str]
     need(spec.label, "data.label")
     if spec.time:
         need(spec.time, "data.time")
-    for key in ("features", "categorical", "numeric", "boolean", "slices", "drop"):
+    for key in ("features", "categorical", "numeric", "boolean", "text", "slices", "drop"):
         for i, name in enumerate(getattr(spec, key) or []):
             need(name, f"data.{key}.{i}")
-    typed = {"categorical": spec.categorical, "numeric": spec.numeric, "boolean": spec.boolean}
+    typed = {"categorical": spec.categorical, "numeric": spec.numeric, "boolean": spec.boolean, "text": spec.text}
     seen: dict[str, str] = {}
     for key, names in typed.items():
         for name in names:
@@ -412,6 +478,7 @@ def fit_schema(
         **{n: "categorical" for n in spec.categorical},
         **{n: "numeric" for n in spec.numeric},
         **{n: "boolean" for n in spec.boolean},
+        **{n: "text" for n in spec.text},
     }
     cols = []
     rows = frame.iloc[train]
@@ -419,7 +486,9 @@ def fit_schema(
         kind = overrides.get(name) or infer_kind(frame[name])
         values = rows[name]
         missing = float(values.isna().mean()) if len(values) else 0.0
-        if kind == "categorical":
+        if kind == "text":
+            cols.append(_fit_text(values, name, spec, where, missing))
+        elif kind == "categorical":
             counts = category_keys(values).value_counts(dropna=True)
             counts = counts.sort_index(kind="stable").sort_values(ascending=False, kind="stable").head(MAX_CATEGORIES)
             cols.append(
@@ -441,6 +510,27 @@ def fit_schema(
             std = std if std > 1e-12 else 1.0
             cols.append(Column(name, kind, mean=mean, std=std, missing_share=missing, integer=integer))
     return TableSchema(tuple(cols), spec.label, classes, spec.time, tuple(spec.slices), min_category_count)
+
+
+def _fit_text(values: pd.Series, name: str, spec: TableSpec, where: str, missing: float) -> Column:
+    """A text column: its tokenizer learnt from the training rows, and their length in tokens."""
+    from kd_ops.data.text import encode_texts, text_values, token_counts, train_tokenizer
+
+    texts = text_values(values, f"{where}: column {name!r}")
+    if not any(t.strip() for t in texts):
+        raise ConfigError(f"data.text: column {name!r} holds no text in the training split")
+    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    raw = tokenizer.to_str()
+    lengths = token_counts(encode_texts(tokenizer, texts, spec.max_length)[0]).astype(np.float64)
+    return Column(
+        name,
+        "text",
+        mean=float(lengths.mean()),
+        std=float(lengths.std()) or 1.0,
+        missing_share=missing,
+        tokenizer=raw,
+        max_length=int(spec.max_length),
+    )
 
 
 def label_classes(labels: pd.Series, where: str) -> tuple[tuple[Any, ...], np.ndarray]:

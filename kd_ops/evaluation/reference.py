@@ -154,7 +154,7 @@ def _column_arrays(schema: "TableSchema", frame: "pd.DataFrame") -> dict[str, np
     for j, col in enumerate(schema.columns):
         values = frame[col.name]
         missing = values.isna().to_numpy()
-        if col.kind == "categorical":
+        if col.kind in ("categorical", "text"):
             text = values.astype(object).where(~missing, "").map(str)
             out[f"table_{j}"] = np.asarray(text.tolist(), dtype=str)
             out[f"table_missing_{j}"] = missing
@@ -175,7 +175,7 @@ def _columns_from_arrays(schema: "TableSchema", data: Any) -> "pd.DataFrame":
             columns[col.name] = pd.array(np.where(np.isnan(values), None, values > 0.5), dtype="boolean")
         else:
             text = pd.Series(values.astype(object)).where(~data[f"table_missing_{j}"], None)
-            columns[col.name] = pd.Categorical(text, categories=list(col.categories))
+            columns[col.name] = text if col.kind == "text" else pd.Categorical(text, categories=list(col.categories))
     return pd.DataFrame(columns)
 
 

@@ -131,7 +131,7 @@ def signature(schema: TableSchema) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    kinds = {"numeric": "double", "boolean": "boolean", "categorical": "string"}
+    kinds = {"numeric": "double", "boolean": "boolean", "categorical": "string", "text": "string"}
     inputs = Schema(
         [ColSpec("long" if c.integer else kinds[c.kind], c.name, required=False) for c in schema.columns]
     )

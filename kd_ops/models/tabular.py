@@ -30,19 +30,22 @@ def embedding_width(n_categories: int) -> int:
 class TableInput(nn.Module):
     """Encoded table rows (batch, columns) -> dense features (batch, `width`)."""
 
-    def __init__(self, schema: TableSchema):
+    def __init__(self, schema: TableSchema, skip_text: bool = False):
+        """`skip_text`: leave text columns to the model that reads them (`kd_ops.models.text`)."""
         super().__init__()
+        if schema.has_text and not skip_text:
+            raise ValueError("TableInput does not read text columns; kd_ops.models.text's networks do")
         dense = schema.of_kind("numeric") + schema.of_kind("boolean")
         dense.sort()
-        self.register_buffer("dense_index", torch.tensor(dense, dtype=torch.long))
+        self.register_buffer("dense_index", torch.tensor([schema.offset(j) for j in dense], dtype=torch.long))
         cols = [schema.columns[i] for i in dense]
         self.register_buffer("mean", torch.tensor([c.mean for c in cols], dtype=torch.float32))
         self.register_buffer("std", torch.tensor([c.std for c in cols], dtype=torch.float32))
         flagged = [k for k, c in enumerate(cols) if c.missing_share > 0]
         self.register_buffer("flag_index", torch.tensor(flagged, dtype=torch.long))
-        self.categorical = schema.of_kind("categorical")
+        self.categorical = [schema.offset(j) for j in schema.of_kind("categorical")]
         self.embeddings = nn.ModuleList()
-        for j in self.categorical:
+        for j, at in zip(schema.of_kind("categorical"), self.categorical):
             col = schema.columns[j]
             # vocabulary index -> embedding row: 0 missing/unseen, 1 rare, 2.. frequent categories
             frequent = [i for i, n in enumerate(col.counts) if n >= schema.min_category_count]
@@ -50,7 +53,7 @@ class TableInput(nn.Module):
             remap[0] = 0
             for row, i in enumerate(frequent):
                 remap[i + 1] = row + 2
-            self.register_buffer(f"remap_{j}", remap)
+            self.register_buffer(f"remap_{at}", remap)
             self.embeddings.append(nn.Embedding(len(frequent) + 2, embedding_width(len(frequent) + 2)))
         self.width = len(dense) + len(flagged) + sum(e.embedding_dim for e in self.embeddings)
 

@@ -100,6 +100,58 @@ def build_cnn(p: CNNParams, input_shape: tuple[int, ...], n_classes: int) -> nn.
     return CNN(p, input_shape, n_classes)
 
 
+class EmbeddingBagParams(Params):
+    dim: int = Field(32, ge=1, description="embedding width of a token")
+    bigram_buckets: int = Field(0, ge=0, description="hashed token-bigram embeddings (fastText's n-grams); 0: none")
+    hidden: list[int] = Field(default_factory=list, description="MLP layers after the pooled embeddings")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TransformerParams(Params):
+    dim: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1, le=12)
+    heads: int = Field(4, ge=1)
+    ff: int = Field(128, ge=8, description="width of each layer's feed-forward block")
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+def _head(width: int, hidden: list[int], dropout: float, n_classes: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+        width = h
+    return [*layers, nn.Linear(width, n_classes)]
+
+
+def _text_table(table: Any, model: str) -> Any:
+    if table is None or not table.has_text:
+        raise ValueError(f"{model} reads text: it needs a table with a text column (data.text)")
+    return table
+
+
+@register_model("embedding_bag", EmbeddingBagParams)
+def build_embedding_bag(p: EmbeddingBagParams, input_shape: tuple[int, ...], n_classes: int, table: Any = None):
+    """fastText-style: mean of token (and hashed bigram) embeddings, then a linear or MLP head."""
+    from kd_ops.models.text import TextBag
+
+    bag = TextBag(_text_table(table, "embedding_bag"), p.dim, p.bigram_buckets)
+    return nn.Sequential(bag, *_head(bag.width, p.hidden, p.dropout, n_classes))
+
+
+@register_model("transformer", TransformerParams)
+def build_transformer(p: TransformerParams, input_shape: tuple[int, ...], n_classes: int, table: Any = None):
+    """A small transformer encoder over the text column, mean-pooled, then a linear head."""
+    from kd_ops.models.text import TextEncoder
+
+    if p.dim % p.heads:
+        raise ValueError(f"transformer: dim {p.dim} is not a multiple of heads {p.heads}")
+    encoder = TextEncoder(_text_table(table, "transformer"), p.dim, p.layers, p.heads, p.ff, p.dropout)
+    return nn.Sequential(encoder, nn.Linear(encoder.width, n_classes))
+
+
+TEXT_MODELS = ("embedding_bag", "transformer")  # they read a table's text columns themselves
+
+
 def build_model(
     name: str,
     params: dict,
@@ -113,16 +165,26 @@ def build_model(
 
     With `table` (a `TableSchema`), `normalize` is the table's input layer instead
     (`kd_ops.models.tabular.TableInput`: per-column scaling, missing values, category
-    embeddings) and the network is built for the width that layer puts out."""
+    embeddings; `kd_ops.models.text.TextBag` where the table has text) and the network is built
+    for the width that layer puts out. The text models (`TEXT_MODELS`) read the table themselves."""
     entry = MODELS.get(name)
-    if table is not None:
+    p = entry.params.model_validate(params)
+    if name in TEXT_MODELS:
+        body = entry.build(p, tuple(input_shape), n_classes, table)
+        return nn.Sequential(OrderedDict(normalize=nn.Identity(), net=body))
+    if table is not None and table.has_text:  # any other network reads text as a bag of embeddings
+        from kd_ops.models.text import TextBag
+
+        front: nn.Module = TextBag(table)
+        input_shape = (front.width,)
+    elif table is not None:
         from kd_ops.models.tabular import TableInput
 
-        front: nn.Module = TableInput(table)
+        front = TableInput(table)
         input_shape = (front.width,)
     else:
         front = Standardize(mean, std)
-    body = entry.build(entry.params.model_validate(params), tuple(input_shape), n_classes)
+    body = entry.build(p, tuple(input_shape), n_classes)
     return nn.Sequential(OrderedDict(normalize=front, net=body))
 
 

@@ -122,6 +122,11 @@ def table_defaults(cfg: ExperimentConfig, dm: DistillDataModule) -> ExperimentCo
                 f"distill.{key}: blends, boxes and noise of encoded table rows (category indices) are not tables; "
                 "set it to 0 for tabular data (distill.swap_noise is the augmentation a table takes)"
             )
+    if dm.schema.has_text and cfg.distill.swap_noise:
+        raise ConfigError(
+            "distill.swap_noise: swapping values between rows would swap single tokens of texts; "
+            "a table with a text column (data.text) takes no swap noise: set it to 0"
+        )
     return cfg
 
 
@@ -167,9 +172,7 @@ def student_object(obj: Any, dm: DistillDataModule, seed: int = 0) -> Any:
     if is_estimator(obj):
         return obj
     if not isinstance(obj, nn.Module):
-        raise ConfigError(
-            f"student: expected a torch module or a scikit-learn estimator, got {type(obj).__name__}"
-        )
+        raise ConfigError(f"student: expected a torch module or a scikit-learn estimator, got {type(obj).__name__}")
     example = torch.as_tensor(dm.arrays("val")[0][:4])
     if dm.schema is not None:
         from collections import OrderedDict

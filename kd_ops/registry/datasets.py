@@ -94,7 +94,7 @@ def _label_type(classes: Sequence[Any]) -> DataType:
 
 def table_columns(schema: "TableSchema") -> Schema:
     """The user's feature columns and types, then the label column: the table as they gave it."""
-    kinds = {"categorical": DataType.string, "boolean": DataType.boolean}
+    kinds = {"categorical": DataType.string, "boolean": DataType.boolean, "text": DataType.string}
     cols = [
         ColSpec(kinds.get(c.kind) or (DataType.long if c.integer else DataType.double), c.name) for c in schema.columns
     ]

@@ -191,6 +191,7 @@ KIND_VALUES = {
     "numeric": "a number or null",
     "boolean": "true, false or null",
     "categorical": "a string (or number, or boolean) or null",
+    "text": "a string or null",
 }
 
 
@@ -211,7 +212,7 @@ def _value_problem(value: Any, kind: str) -> str | None:
     if isinstance(value, (list, dict)):
         return f"{'a list' if isinstance(value, list) else 'an object'} is not a column value; send {KIND_VALUES[kind]}"
     if isinstance(value, bool):
-        return None if kind != "numeric" else f"{_shown(value)} is a boolean; send {KIND_VALUES[kind]}"
+        return None if kind not in ("numeric", "text") else f"{_shown(value)} is a boolean; send {KIND_VALUES[kind]}"
     if isinstance(value, (int, float)):
         if isinstance(value, float) and not math.isfinite(value):
             return "not a finite number"
@@ -219,9 +220,9 @@ def _value_problem(value: Any, kind: str) -> str | None:
             return f"{_shown(value)} is an integer beyond 64 bits"
         if abs(value) > FLOAT32_MAX:
             return f"{_shown(value)} is beyond float32's range"
-        return None if kind != "boolean" else f"{_shown(value)} is a number; send {KIND_VALUES[kind]}"
+        return None if kind not in ("boolean", "text") else f"{_shown(value)} is a number; send {KIND_VALUES[kind]}"
     if isinstance(value, str):
-        return None if kind == "categorical" else f"{_shown(value)} is text; send {KIND_VALUES[kind]}"
+        return None if kind in ("categorical", "text") else f"{_shown(value)} is text; send {KIND_VALUES[kind]}"
     return f"{_shown(value)} is not a JSON value"
 
 
@@ -466,6 +467,11 @@ def _column_schema(column: Any) -> dict[str, Any]:
         return {"anyOf": [number, null], "description": "numeric (null: missing)"}
     if column.kind == "boolean":
         return {"anyOf": [{"type": "boolean"}, null], "description": "boolean (null: missing)"}
+    if column.kind == "text":
+        return {
+            "anyOf": [{"type": "string"}, null],
+            "description": f"text (null or empty: no text; beyond {column.max_length} tokens it is truncated)",
+        }
     seen = ", ".join(map(repr, column.categories[:20])) + (", ..." if len(column.categories) > 20 else "")
     return {
         "anyOf": [{"type": "string"}, number, {"type": "boolean"}, null],
