@@ -175,8 +175,12 @@ def _one_run(args, tmp, uri, name, seed, fraction, key, extra, arms, teacher_uri
     return row
 
 
+MIN_GAP = 0.005  # a teacher less than half a point above the baseline leaves no gap to close
+
+
 def _gap(student: float, baseline: float, teacher: float) -> float:
-    return (student - baseline) / (teacher - baseline) if teacher - baseline > 1e-9 else float("nan")
+    """Gap closed; undefined (NaN, shown as "-") where the teacher is not `MIN_GAP` above the baseline."""
+    return (student - baseline) / (teacher - baseline) if teacher - baseline >= MIN_GAP else float("nan")
 
 
 def write_summary(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
@@ -275,7 +279,8 @@ def write_summary(rows: list[dict], args: argparse.Namespace, out: Path) -> None
         "Test split, mean ± std over seeds; configs `examples/<dataset>.yaml`, teacher trained once per seed "
         "and loaded by URI. `labelled`: the share of the transfer set that keeps labels (the rest is "
         "unlabelled, seen by students through the teacher only). Gap closed = (student - baseline) / "
-        "(teacher - baseline) per seed, the baseline being the better labels-only student.\n\n" + table
+        "(teacher - baseline) per seed, the baseline being the better labels-only student; it is "-" where the "
+        "teacher is less than half a point above the baseline (there is no gap to close).\n\n" + table
     )
 
 

@@ -133,10 +133,10 @@ def _table_rows(frame: pd.DataFrame, schema: "TableSchema") -> tuple[np.ndarray,
 
     values = frame["inputs"]
     is_record = values.map(lambda v: isinstance(v, dict)).to_numpy(dtype=bool)
-    x = np.empty((len(frame), len(schema.columns)), dtype=np.float32)
+    x = np.empty((len(frame), schema.width), dtype=np.float32)
     unseen = {c.name: np.zeros(len(frame), dtype=bool) for c in schema.columns if c.kind == "categorical"}
     if (~is_record).any():
-        x[~is_record] = _matrix(values[~is_record], "inputs", len(schema.columns))
+        x[~is_record] = _matrix(values[~is_record], "inputs", schema.width)
     if is_record.any():
         index = frame["id"][is_record] if "id" in frame.columns else None
         raw = pd.DataFrame.from_records(values[is_record].tolist(), index=index)
@@ -176,7 +176,7 @@ def window_from_frame(
     `schema`: the served version's table schema (None for an array model), with which the
     records are encoded and decoded; `slicer`: the version's slicer, for rows logged without slices."""
     if frame.empty:
-        width = len(schema.columns) if schema is not None else n_features
+        width = schema.width if schema is not None else n_features
         return Window(model_name, "", np.zeros((0, width), np.float32), np.zeros((0, n_classes)), *[np.zeros(0)] * 2)
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:

@@ -118,7 +118,7 @@ def logged_rows(inputs: Any, n_features: int, name: str, schema: Any = None) -> 
     else:
         import pandas as pd
 
-        x = np.empty((len(values), len(schema.columns)), dtype=np.float32)
+        x = np.empty((len(values), schema.width), dtype=np.float32)
         rows = np.asarray(records)
         table = pd.DataFrame.from_records([v for v, r in zip(values, records) if r])
         x[rows] = schema.encode(table, where=f"logged inputs of {name!r}", strict=False)

@@ -181,7 +181,11 @@ def load_version(client: Any, name: str, version: str, alias: str, allow_pickle:
         raise ConfigError(f"{uri}: the model has no input signature, so the feature count is unknown")
     # A table's probe is a record with every value missing: valid for every column kind (NaN is
     # how the encoding says "missing"), where zeros could name a category index out of range.
-    probe = np.full((1, n_features), np.nan if schema is not None else 0.0, dtype=np.float32)
+    probe = (
+        np.full((1, schema.width), np.nan, dtype=np.float32)
+        if schema is not None
+        else np.zeros((1, n_features), dtype=np.float32)
+    )
     try:
         out = predict_proba(probe)
     except Exception as exc:  # noqa: BLE001

@@ -1,0 +1,94 @@
+"""Text end to end on the bundled Rotten Tomatoes snippets: a transformer teacher distilled into a
+bag-of-embeddings student; the registered model takes raw strings (the tokenizer travels inside
+it), per-slice accuracy by text length, and `kd-ops serve` answers text records on real HTTP and
+logs the text as sent. Real MLflow (SQLite), a real server process."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from kd_ops.config.loading import config_from_dict
+from kd_ops.pipeline.distillation import run_distillation
+
+from ..servers import ServerProcess, free_port
+
+pytestmark = pytest.mark.slow
+
+NAME = "rt-text"
+
+
+@pytest.fixture(scope="module")
+def distilled(tracking_uri, tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    raw = {
+        "data": {"name": "rotten-tomatoes", "rows": 2000, "max_length": 48, "vocab_size": 2000},
+        "teacher": {"model": "transformer", "params": {"dim": 32, "layers": 1, "heads": 2, "ff": 64}, "epochs": 2},
+        "student": {"model": "embedding_bag", "params": {"dim": 16, "bigram_buckets": 2000}, "epochs": 3},
+        "tracking": {"uri": tracking_uri, "experiment": "text"},
+        "registry": {"name": NAME},
+        "evaluation": {"latency_repeats": 5, "throughput_repeats": 2, "throughput_batches": [1, 32], "edge": []},
+        "train": {"progress_bar": False},
+        "distill": {"cache": {"dir": str(root / "cache")}},
+        "gates": {},
+    }
+    return run_distillation(config_from_dict(raw, "text")), tracking_uri, root
+
+
+def test_teacher_baseline_and_student_get_the_same_metrics_and_text_length_slices(distilled):
+    result, _, _ = distilled
+    m = result.metrics
+    for role in ("teacher", "baseline", "student"):
+        assert 0.5 < m[role]["test_accuracy"] <= 1.0, role
+        assert {"test_f1_macro", "latency_ms_p50", "throughput_per_s"} <= set(m[role]), role
+    slices = {k for k in m["student"] if k.startswith("test_accuracy_slice_text_")}
+    assert {
+        "test_accuracy_slice_text_low",
+        "test_accuracy_slice_text_mid",
+        "test_accuracy_slice_text_high",
+    } <= slices, sorted(m["student"])
+
+
+def test_the_registered_model_takes_raw_strings(distilled):
+    result, uri, _ = distilled
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(result.registered["model_uri"])
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["text"]
+    texts = ["a dull, lifeless mess.", "brilliant, moving and funny", "", None, "long " * 400]
+    labels = model.predict(pd.DataFrame({"text": texts}))
+    assert set(labels) <= {"fresh", "rotten"} and len(labels) == 5
+    proba = model.get_raw_model().predict_proba(pd.DataFrame({"text": texts}))
+    assert np.isfinite(proba).all() and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+    assert np.allclose(proba[2], proba[3])  # empty and missing are the same (no text)
+
+
+def test_serve_answers_text_records_and_logs_the_text(distilled):
+    result, uri, root = distilled
+    port = free_port()
+    db = root / "log.db"
+    cmd = [sys.executable, "-m", "kd_ops.cli", "serve", NAME, "--port", str(port), "--store", f"sqlite:///{db}"]
+    proc = ServerProcess([*cmd, "--tracking-uri", uri], root / "serve.log", env={"KD_OPS_TOKEN": "t-123"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_healthy(f"{url}/health", lambda r: r.status_code == 200)
+        records = [{"text": "a dull, lifeless mess."}, {"text": ""}, {"text": None}]
+        r = requests.post(f"{url}/predict", json={"records": records}, timeout=30)
+        assert r.status_code == 200, r.text
+        preds = r.json()["predictions"]
+        assert {p["class"] for p in preds} <= {"fresh", "rotten"} and len(preds) == 3
+        bad = requests.post(f"{url}/predict", json={"records": [{"text": 5}]}, timeout=30)
+        assert bad.status_code == 422 and bad.json()["field"] == "records[0].text", bad.text
+        mlflow_format = {"dataframe_split": {"columns": ["text"], "data": [["a fine film"]]}}
+        assert requests.post(f"{url}/invocations", json=mlflow_format, timeout=30).status_code == 200
+    finally:
+        proc.stop()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT inputs, slices FROM kd_ops_predictions").fetchall()
+    assert '{"text":"a dull, lifeless mess."}' in [r[0] for r in rows]
+    assert any('"empty"' in r[1] for r in rows)
