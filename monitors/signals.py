@@ -229,10 +229,40 @@ def evidently_columns(schema: Any, table: pd.DataFrame) -> pd.DataFrame:
         missing = values.isna().to_numpy()
         if col.kind == "numeric":
             out[col.name] = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        elif col.kind == "text":  # no text is missing: Evidently's descriptors divide by an empty text's length
+            text = values.astype(object).map(lambda v: v if isinstance(v, str) and v.strip() else None)
+            out[col.name] = text.to_numpy(dtype=object)
         else:
             text = values.astype(object).map(lambda v: str(v).lower() if isinstance(v, (bool, np.bool_)) else str(v))
             out[col.name] = text.where(~missing, np.nan).to_numpy(dtype=object)
     return pd.DataFrame(out)
+
+
+TEXT_DESCRIPTORS = ("length", "non_letter_pct", "unknown_token_share")
+
+
+def _text_descriptors(schema: Any, name: str) -> list[Any]:
+    """Evidently's offline text descriptors of column `name` (characters, share of non-letter
+    characters) and the share of its tokens that the training vocabulary spells byte by byte
+    (`kd_ops.data.text.byte_share`): out-of-vocabulary words without a lexicon to download."""
+    from evidently.core.datasets import DatasetColumn
+    from evidently.descriptors import CustomColumnDescriptor, NonLetterCharacterPercentage, TextLength
+    from evidently.legacy.core import ColumnType
+
+    from kd_ops.data.text import byte_share, encode_texts
+
+    column = schema.column(name)
+
+    def unknown_share(data: Any) -> Any:
+        texts = data.data.astype(object).map(lambda v: v if isinstance(v, str) else "").tolist()
+        ids, _ = encode_texts(schema.tokenizer(name), texts, column.max_length)
+        return DatasetColumn(type=ColumnType.Numerical, data=pd.Series(byte_share(ids), index=data.data.index))
+
+    return [
+        TextLength(name, alias=f"{name}.length"),
+        NonLetterCharacterPercentage(name, alias=f"{name}.non_letter_pct"),
+        CustomColumnDescriptor(name, unknown_share, alias=f"{name}.unknown_token_share"),
+    ]
 
 
 def _table_drift(
@@ -242,7 +272,9 @@ def _table_drift(
     (see the table above), on the typed columns as the model read them (an unseen category is
     missing here: the unseen-category signal counts it). A column with no value left in the
     window (every value missing or unseen) while the reference had some counts as drifted: a
-    client that stops sending a field is the plainest drift there is."""
+    client that stops sending a field is the plainest drift there is. A text column is tested
+    through its descriptors (`TEXT_DESCRIPTORS`), each a column of the report; the text counts as
+    drifted when any of them is."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import DriftedColumnsCount, ValueDrift
 
@@ -260,7 +292,10 @@ def _table_drift(
         for f in features
         if cur_df[f].isna().all() or ref_df[f].isna().all()
     }
-    tested = [f for f in features if f not in empty]
+    kinds = {c.name: c.kind for c in schema.columns}
+    texts = [f for f in features if kinds[f] == "text" and f not in empty]
+    described = {f"{t}.{d}": t for t in texts for d in TEXT_DESCRIPTORS}
+    tested = [f for f in features if f not in empty and kinds[f] != "text"] + list(described)
 
     taken = set(features)
     predicted, confidence = output_columns(schema)
@@ -274,11 +309,12 @@ def _table_drift(
         df[confidence] = probs.max(axis=1)
         for name, col in zip(shared, slice_cols):
             df[col] = np.asarray(slices[name], dtype=str)
-    kinds = {c.name: c.kind for c in schema.columns}
     definition = DataDefinition(
         numerical_columns=[*(f for f in features if kinds[f] == "numeric"), confidence],
-        categorical_columns=[*(f for f in features if kinds[f] != "numeric"), predicted, *slice_cols],
+        categorical_columns=[*(f for f in features if kinds[f] in ("categorical", "boolean")), predicted, *slice_cols],
+        text_columns=[f for f in features if kinds[f] == "text"],
     )
+    descriptors = [d for t in texts for d in _text_descriptors(schema, t)]
     threshold = p_value if len(ref_df) <= EVIDENTLY_SMALL_REFERENCE else None
     metrics = [
         *_output_drift(predicted, confidence, slice_cols, p_value),
@@ -289,8 +325,8 @@ def _table_drift(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant columns, pandas' downcasting notes inside Evidently
         snapshot = Report(metrics, include_tests=True).run(
-            Dataset.from_pandas(cur_df, data_definition=definition),
-            Dataset.from_pandas(ref_df, data_definition=definition),
+            Dataset.from_pandas(cur_df, data_definition=definition, descriptors=descriptors or None),
+            Dataset.from_pandas(ref_df, data_definition=definition, descriptors=[*descriptors] or None),
         )
     report = snapshot.dict()
     results = report["metrics"][1:] if tested else report["metrics"]
@@ -302,7 +338,7 @@ def _table_drift(
     n_outputs = 2 + len(slice_cols)
     for f, m in zip(tested, results[n_outputs:]):
         columns[f] = {
-            "kind": kinds[f],
+            "kind": "text descriptor" if f in described else kinds[f],
             "test": m["config"].get("method"),
             "score": float(m["value"]),
             "threshold": m["config"].get("threshold"),
@@ -317,6 +353,18 @@ def _table_drift(
             "threshold": None,
             "drifted": where == "window",
             "note": f"no value in the {where} (missing or unseen)",
+        }
+    for t in texts:  # a text column: drifted if any of its descriptors is
+        parts = [d for d, of in described.items() if of == t]
+        columns[t] = {
+            "kind": "text",
+            "test": "descriptors",
+            "score": max(columns[d]["score"] for d in parts)
+            if threshold is None
+            else min(columns[d]["score"] for d in parts),
+            "threshold": columns[parts[0]]["threshold"],
+            "drifted": any(columns[d]["drifted"] for d in parts),
+            "descriptors": {d.split(".", 1)[1]: columns[d] for d in parts},
         }
     drifted = [f for f in features if columns[f]["drifted"]]
     out["drift_share"] = len(drifted) / len(features)

@@ -11,6 +11,12 @@ from a split and changes them:
   slice_noise  sensor noise on the rows of one slice only (ink "low": thin strokes), the decay an
                average hides
 
+and for a table with a text column (`kd_ops.data.text`):
+
+  typos        character noise in every text (dropped, doubled, swapped, replaced letters)
+  new_words    a third of the words replaced by words the training vocabulary never held
+  plots        half the rows replaced by plot summaries: another domain, with no true label (-1)
+
 Scenarios are seeded: the same (scenario, seed, window) always gives the same rows, so monitors
 and students are compared on the very same traffic.
 """
@@ -67,6 +73,56 @@ PRIOR_SHIFT_CLASSES, PRIOR_SHIFT_SHARE = 3, 0.7  # three classes (chosen by the 
 @SCENARIOS.register("prior_shift")
 def _prior_shift(dm: DistillDataModule, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> Traffic:
     return x, y  # the change is in which rows are drawn (see `sample`)
+
+
+# -- text: the rows' texts changed and encoded again with the table's own tokenizer ----------------
+
+PLOT_SHARE = 0.5  # the `plots` scenario: half the traffic is plot summaries, not reviews
+NO_LABEL = -1  # a row of traffic with no true label (a plot summary is neither fresh nor rotten)
+
+
+def _text_columns(dm: DistillDataModule, scenario: str) -> list[str]:
+    schema = dm.schema
+    names = [c.name for c in schema.columns if c.kind == "text"] if schema is not None else []
+    if not names:
+        raise ValueError(f"scenario {scenario!r} changes texts: the data needs a text column (data.text)")
+    return names
+
+
+def _rewriting(scenario: str, change: Callable[[list[str], np.random.Generator], list[str]]):
+    def run(dm: DistillDataModule, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> Traffic:
+        names = _text_columns(dm, scenario)
+        frame = dm.schema.decode(x)
+        for name in names:
+            frame[name] = change(frame[name].tolist(), rng)
+        return dm.schema.encode(frame, where=f"scenario {scenario!r}"), y
+
+    run.__doc__ = change.__doc__
+    return run
+
+
+def _register_text_scenarios() -> None:
+    from kd_ops.data.text import new_words, typos
+
+    SCENARIOS.register("typos")(_rewriting("typos", typos))
+    SCENARIOS.register("new_words")(_rewriting("new_words", new_words))
+
+
+_register_text_scenarios()
+
+
+@SCENARIOS.register("plots")
+def _plots(dm: DistillDataModule, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> Traffic:
+    """A domain shift: half the rows become plot summaries (Rotten Tomatoes' own, or for another
+    text table the same texts), which carry no true label (`NO_LABEL`)."""
+    from kd_ops.data.text import rotten_tomatoes_plots
+
+    name = _text_columns(dm, "plots")[0]
+    plots = rotten_tomatoes_plots()["text"].tolist()
+    frame = dm.schema.decode(x)
+    swap = rng.random(len(frame)) < PLOT_SHARE
+    frame.loc[swap, name] = [plots[i] for i in rng.integers(len(plots), size=int(swap.sum()))]
+    return dm.schema.encode(frame, where="scenario 'plots'"), np.where(swap, NO_LABEL, y)
 
 
 def sample(dm: DistillDataModule, scenario: str, n: int, seed: int = 0, split: str = "test") -> Traffic:

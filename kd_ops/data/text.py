@@ -168,3 +168,51 @@ def rotten_tomatoes_plots() -> "Any":
     """The corpus's 1,097 plot summaries (column `text`): text of another domain than reviews."""
     frame = read_rotten_tomatoes()
     return frame[frame["category"] == "plot"][["text"]].reset_index(drop=True)
+
+
+# -- text drift: what deployed text models meet ------------------------------------------------------
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def typos(texts: Sequence[str], rng: np.random.Generator, rate: float = 0.08) -> list[str]:
+    """Character noise: each letter is, with probability `rate`, dropped, doubled, swapped with
+    the next one or replaced by a random letter (phone keyboards, OCR, hurried typing)."""
+    out = []
+    for text in texts:
+        chars = list(text)
+        i, noisy = 0, []
+        while i < len(chars):
+            c = chars[i]
+            if c.isalpha() and rng.random() < rate:
+                action = rng.integers(4)
+                if action == 0:  # dropped
+                    i += 1
+                    continue
+                if action == 1:  # doubled
+                    noisy += [c, c]
+                elif action == 2 and i + 1 < len(chars):  # swapped with the next character
+                    noisy += [chars[i + 1], c]
+                    i += 2
+                    continue
+                else:  # replaced
+                    noisy.append(LETTERS[rng.integers(len(LETTERS))])
+            else:
+                noisy.append(c)
+            i += 1
+        out.append("".join(noisy))
+    return out
+
+
+def new_words(texts: Sequence[str], rng: np.random.Generator, share: float = 0.3) -> list[str]:
+    """New vocabulary: a share of the words of each text replaced by made-up words of similar
+    length (slang, product names, a new release's cast), which the training vocabulary can only
+    spell in pieces."""
+    out = []
+    for text in texts:
+        words = text.split(" ")
+        for k, w in enumerate(words):
+            if w.isalpha() and len(w) > 2 and rng.random() < share:
+                words[k] = "".join(LETTERS[j] for j in rng.integers(len(LETTERS), size=len(w)))
+        out.append(" ".join(words))
+    return out

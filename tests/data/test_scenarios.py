@@ -19,7 +19,13 @@ def dm():
 
 
 def test_every_scenario_is_registered():
-    assert set(SCENARIOS.names()) == {"clean", "noise", "shift", "contrast", "prior_shift", "slice_noise"}
+    images = {"clean", "noise", "shift", "contrast", "prior_shift", "slice_noise"}
+    assert set(SCENARIOS.names()) == images | {"typos", "new_words", "plots"}  # the last three: text
+
+
+def test_a_text_scenario_on_images_is_a_clear_error(dm):
+    with pytest.raises(ValueError, match="scenario 'typos' changes texts: the data needs a text column"):
+        sample(dm, "typos", 10)
 
 
 def test_clean_draws_rows_of_the_split_with_their_labels(dm):

@@ -1,7 +1,9 @@
 """Text end to end on the bundled Rotten Tomatoes snippets: a transformer teacher distilled into a
 bag-of-embeddings student; the registered model takes raw strings (the tokenizer travels inside
 it), per-slice accuracy by text length, and `kd-ops serve` answers text records on real HTTP and
-logs the text as sent. Real MLflow (SQLite), a real server process."""
+logs the text as sent; the monitor tests a text column through Evidently's text descriptors and
+finds typos, new words and plot summaries among reviews, but not clean traffic. Real MLflow
+(SQLite), a real server process, real Evidently reports."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ NAME = "rt-text"
 
 
 @pytest.fixture(scope="module")
-def distilled(tracking_uri, tmp_path_factory):
+def text_run(tracking_uri, tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     raw = {
         "data": {"name": "rotten-tomatoes", "rows": 2000, "max_length": 48, "vocab_size": 2000},
@@ -41,8 +43,8 @@ def distilled(tracking_uri, tmp_path_factory):
     return run_distillation(config_from_dict(raw, "text")), tracking_uri, root
 
 
-def test_teacher_baseline_and_student_get_the_same_metrics_and_text_length_slices(distilled):
-    result, _, _ = distilled
+def test_teacher_baseline_and_student_get_the_same_metrics_and_text_length_slices(text_run):
+    result, _, _ = text_run
     m = result.metrics
     for role in ("teacher", "baseline", "student"):
         assert 0.5 < m[role]["test_accuracy"] <= 1.0, role
@@ -55,8 +57,8 @@ def test_teacher_baseline_and_student_get_the_same_metrics_and_text_length_slice
     } <= slices, sorted(m["student"])
 
 
-def test_the_registered_model_takes_raw_strings(distilled):
-    result, uri, _ = distilled
+def test_the_registered_model_takes_raw_strings(text_run):
+    result, uri, _ = text_run
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(result.registered["model_uri"])
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["text"]
@@ -68,8 +70,8 @@ def test_the_registered_model_takes_raw_strings(distilled):
     assert np.allclose(proba[2], proba[3])  # empty and missing are the same (no text)
 
 
-def test_serve_answers_text_records_and_logs_the_text(distilled):
-    result, uri, root = distilled
+def test_serve_answers_text_records_and_logs_the_text(text_run):
+    result, uri, root = text_run
     port = free_port()
     db = root / "log.db"
     cmd = [sys.executable, "-m", "kd_ops.cli", "serve", NAME, "--port", str(port), "--store", f"sqlite:///{db}"]
@@ -92,3 +94,46 @@ def test_serve_answers_text_records_and_logs_the_text(distilled):
         rows = conn.execute("SELECT inputs, slices FROM kd_ops_predictions").fetchall()
     assert '{"text":"a dull, lifeless mess."}' in [r[0] for r in rows]
     assert any('"empty"' in r[1] for r in rows)
+
+
+@pytest.mark.parametrize(
+    "scenario, moved",
+    [
+        ("clean", set()),
+        ("typos", {"unknown_token_share"}),
+        ("new_words", {"unknown_token_share"}),
+        ("plots", {"length"}),
+    ],
+)
+def test_the_monitor_reads_text_drift_from_its_descriptors(text_run, tmp_path, scenario, moved):
+    from kd_ops.config.monitoring import MonitorConfig
+    from kd_ops.data.scenarios import sample
+    from kd_ops.evaluation.reference import load_reference
+    from kd_ops.models.loading import load_model
+    from kd_ops.prediction_log.store import open_store, predictions
+    from monitors.decision import judge
+    from monitors.window import load_window
+
+    from ..conftest import table_log_rows
+
+    result, uri, _ = text_run
+    dm = result.datamodule
+    version = result.registered["version"]
+    model = load_model(f"models:/{NAME}/{version}")
+    x, _ = sample(dm, scenario, 400, seed=5)
+    frame = dm.schema.decode(x)
+    store = f"sqlite:///{tmp_path}/log.db"
+    cut = dm.input_slices().compute(x)
+    rows = table_log_rows(NAME, version, frame, model.predict_proba(frame), [{"text": t} for t in cut["text"]])
+    engine = open_store(store)
+    with engine.begin() as conn:
+        conn.execute(predictions.insert(), rows)
+    engine.dispose()
+    ref = load_reference(NAME, version, uri)
+    window = load_window(store, NAME, ref.x.shape[1], 2, rows=1000, schema=ref.schema, slicer=ref.input_slicer())
+    out = judge(window, ref, MonitorConfig(store=store))
+    text = out.columns["text"]
+    assert text["kind"] == "text" and set(text["descriptors"]) == {"length", "non_letter_pct", "unknown_token_share"}
+    drifted = {d for d, v in text["descriptors"].items() if v["drifted"]}
+    assert moved <= drifted and text["drifted"] == bool(moved), text
+    assert "drift_score_text.length" in out.metrics
