@@ -26,6 +26,7 @@ OPT_IN = "--allow-pickle (config: allow_pickle: true) loads it, only if you trus
 KD_OPS_TRUSTED_TYPES = frozenset(
     {
         "kd_ops.models.sklearn_students.SoftTargetClassifier",
+        "kd_ops.models.sklearn_students.TokenTfidf",  # TF-IDF of a text column's token ids
         "kd_ops.sklearn_student.SoftTargetClassifier",  # the path models registered before kd-ops 0.2 name
         # scikit-learn's imputers keep the dtype they were fitted on; skops rebuilds a numpy dtype
         # from its name (np.dtype("float64")), which creates a data type and runs nothing else.

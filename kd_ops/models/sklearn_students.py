@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
-from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
@@ -109,9 +109,11 @@ def soft_to_weighted(
     (that only matters when C > 1 / min_weight). Copies of a row are adjacent in the output.
     Note that count-based settings (min_samples_leaf) count expanded rows, not original ones.
     """
-    x = np.asarray(x)
+    from scipy import sparse
+
+    x = x if sparse.issparse(x) else np.asarray(x)  # TF-IDF features of texts stay sparse
     probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 2 or len(probs) != len(x):
+    if probs.ndim != 2 or len(probs) != x.shape[0]:
         raise ValueError(f"probs must be (n_rows, n_classes) with n_rows={len(x)}, got shape {probs.shape}")
     if not np.isfinite(probs).all() or (probs < 0).any():
         raise ValueError("probs must be finite and non-negative")
@@ -178,17 +180,55 @@ class SoftTargetClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[self.predict_proba(X).argmax(1)]
 
 
+class TokenTfidf(TransformerMixin, BaseEstimator):
+    """TF-IDF of a text column's token-id block (`kd_ops.data.text`): each row's non-pad ids
+    are its words, so scikit-learn's `TfidfVectorizer` counts subword tokens and, with
+    `ngram_range`, their bigrams. The tokenizer already ran (it travels in the table schema), so
+    the vectorizer splits on spaces only. Sparse output."""
+
+    def __init__(self, ngram_range: tuple[int, int] = (1, 2), min_df: int = 2, max_features: int | None = 100_000):
+        self.ngram_range = ngram_range
+        self.min_df = min_df
+        self.max_features = max_features
+
+    @staticmethod
+    def _documents(X: Any) -> list[str]:
+        ids = np.nan_to_num(np.asarray(X, dtype=np.float32)).astype(np.int64)
+        return [" ".join(str(t) for t in row if t) for row in ids]
+
+    def fit(self, X: Any, y: Any = None) -> "TokenTfidf":
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.vectorizer_ = TfidfVectorizer(
+            token_pattern=r"\S+",
+            lowercase=False,
+            ngram_range=tuple(self.ngram_range),
+            min_df=self.min_df,
+            max_features=self.max_features,
+            sublinear_tf=True,
+        ).fit(self._documents(X))
+        self.n_features_in_ = np.asarray(X).shape[1]
+        return self
+
+    def transform(self, X: Any) -> Any:
+        check_is_fitted(self, "vectorizer_")
+        return self.vectorizer_.transform(self._documents(X))
+
+
 def table_preprocessor(schema: Any) -> Any:
     """What a linear model needs of a table's encoded rows, which hold NaN for missing values and
     category indices: numeric and boolean columns imputed with the training mean and scaled,
-    categories one-hot encoded (missing and unseen: no column set). Trees take the rows as they are."""
+    categories one-hot encoded (missing and unseen: no column set), texts as TF-IDF of their
+    tokens and token bigrams (`TokenTfidf`; the output is then sparse). Trees take the rows as
+    they are, unless the table has text."""
     from sklearn.compose import ColumnTransformer
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-    dense = sorted(schema.of_kind("numeric") + schema.of_kind("boolean"))
-    cats = schema.of_kind("categorical")
+    dense = sorted(schema.offset(j) for j in schema.of_kind("numeric") + schema.of_kind("boolean"))
+    cats = [schema.offset(j) for j in schema.of_kind("categorical")]
+    texts = [list(range(schema.span(j).start, schema.span(j).stop)) for j in schema.of_kind("text")]
     parts = []
     if dense:
         parts.append(("dense", make_pipeline(SimpleImputer(strategy="mean"), StandardScaler()), dense))
@@ -197,7 +237,9 @@ def table_preprocessor(schema: Any) -> Any:
         # dtype by name: skops stores a numpy type object as a type it does not trust by default
         onehot = OneHotEncoder(handle_unknown="ignore", dtype="float64")
         parts.append(("categories", make_pipeline(codes, onehot), cats))
-    return ColumnTransformer(parts, sparse_threshold=0.0)
+    for k, columns in enumerate(texts):
+        parts.append((f"text_{k}", TokenTfidf(), columns))
+    return ColumnTransformer(parts, sparse_threshold=1.0 if texts else 0.0)
 
 
 def _takes_missing(estimator: BaseEstimator) -> bool:
@@ -228,7 +270,8 @@ def fit_soft(
 def soft_classifier(estimator: BaseEstimator, min_weight: float, schema: Any = None) -> SoftTargetClassifier:
     """The soft-target wrapper of `estimator`; on a table (`schema`), with `table_preprocessor` in
     front when the estimator cannot take missing values (logistic regression)."""
-    prep = table_preprocessor(schema) if schema is not None and not _takes_missing(estimator) else None
+    needs = schema is not None and (schema.has_text or not _takes_missing(estimator))
+    prep = table_preprocessor(schema) if needs else None
     return SoftTargetClassifier(estimator, min_weight=min_weight, preprocessor=prep)
 
 

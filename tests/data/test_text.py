@@ -129,3 +129,21 @@ def test_rotten_tomatoes_loads_as_a_text_table():
     assert schema.classes == ("fresh", "rotten") and [c.kind for c in schema.columns] == ["text"]
     assert dm.raw.x.shape == (12_808, 64) and schema.slices == ("text",)
     assert 0.5 < np.mean(dm.raw.y == 0) < 0.6  # 7,403 fresh of 12,808
+
+
+def test_the_scikit_learn_student_reads_texts_as_tfidf_and_saves_pickle_free(tmp_path):
+    import skops.io
+    from scipy import sparse
+
+    from kd_ops.models.safe_load import load_skops_file
+    from kd_ops.models.sklearn_students import fit_soft, table_preprocessor
+
+    table = _prepared(_frame(), max_length=32)
+    x, y = table.x, table.y
+    assert sparse.issparse(table_preprocessor(table.schema).fit_transform(x[:150]))
+    soft = np.eye(2)[y] * 0.8 + 0.1
+    student = fit_soft("logistic_regression", {"C": 10.0}, x[:150], soft[:150], seed=0, schema=table.schema)
+    assert (student.predict(x[150:]) == y[150:]).mean() > 0.8  # the words decide the label
+    skops.io.dump(student, tmp_path / "s.skops")
+    back = load_skops_file(tmp_path / "s.skops", "test", allow_pickle=False)
+    np.testing.assert_allclose(back.predict_proba(x[150:]), student.predict_proba(x[150:]))
