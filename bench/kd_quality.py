@@ -34,6 +34,8 @@ import time
 import warnings
 from pathlib import Path
 
+from shared import mean_and_std, teacher_uri  # bench/shared.py (bench/ is on sys.path when run)
+
 from kd_ops.config.loading import load_config
 from kd_ops.pipeline.distillation import run_distillation
 
@@ -53,13 +55,6 @@ def _common_sets(args: argparse.Namespace, seed: int, fraction: float, uri: str)
         "train.progress_bar=false",
         "evaluation.latency_repeats=50",
     ]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v == v]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def _sets_of(recipe: dict) -> list[str]:
@@ -138,7 +133,7 @@ def _logged(log_path: Path) -> set[tuple]:
     return {(r["dataset"], r["seed"], r["labelled_fraction"], r["run"]) for r in rows}
 
 
-def _one_run(args, tmp, uri, name, seed, fraction, key, extra, arms, teacher_uri) -> dict:
+def _one_run(args, tmp, uri, name, seed, fraction, key, extra, arms, teacher) -> dict:
     sets = [
         *args.set,
         f"seed={seed}",
@@ -154,8 +149,8 @@ def _one_run(args, tmp, uri, name, seed, fraction, key, extra, arms, teacher_uri
     ]
     if name == "flights":
         sets.append(f"data.rows={args.flights_rows}")
-    if teacher_uri:
-        sets.append(f"teacher.uri={teacher_uri}")
+    if teacher:
+        sets.append(f"teacher.uri={teacher}")
     cfg = load_config(ROOT / "examples" / f"{name}.yaml", sets)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
@@ -171,7 +166,7 @@ def _one_run(args, tmp, uri, name, seed, fraction, key, extra, arms, teacher_uri
         row[f"{arm}_params"] = m[role].get("param_count", float("nan"))
         if "test_roc_auc" in m[role]:
             row[f"{arm}_roc_auc"] = m[role]["test_roc_auc"]
-    row["teacher_uri"] = _teacher_uri(result)
+    row["teacher_uri"] = teacher_uri(result)
     return row
 
 
@@ -201,25 +196,27 @@ def write_summary(rows: list[dict], args: argparse.Namespace, out: Path) -> None
             bases = [a for a in ("baseline", "baseline_mixup") if all(f"{a}_accuracy" in r for r in per_seed.values())]
             best = max(bases, key=lambda a: statistics.fmean(r[f"{a}_accuracy"] for r in per_seed.values()))
             entry["best_baseline"] = best
-            entry["teacher"] = mean_std([r["teacher_accuracy"] for r in per_seed.values()])
+            entry["teacher"] = mean_and_std([r["teacher_accuracy"] for r in per_seed.values()])
             entry["teacher_params"] = next(iter(per_seed.values())).get("teacher_params")
             for arm in ARMS:
                 have = [r for r in per_seed.values() if f"{arm}_accuracy" in r]
                 if not have:
                     continue
                 entry[arm] = {
-                    "accuracy": mean_std([r[f"{arm}_accuracy"] for r in have]),
-                    "fidelity": mean_std([r[f"{arm}_fidelity"] for r in have]),
-                    "train_s": mean_std([r[f"{arm}_train_s"] for r in have]),
+                    "accuracy": mean_and_std([r[f"{arm}_accuracy"] for r in have]),
+                    "fidelity": mean_and_std([r[f"{arm}_fidelity"] for r in have]),
+                    "train_s": mean_and_std([r[f"{arm}_train_s"] for r in have]),
                     "params": have[0].get(f"{arm}_params"),
                 }
                 if f"{arm}_roc_auc" in have[0]:
-                    entry[arm]["roc_auc"] = mean_std([r[f"{arm}_roc_auc"] for r in have])
+                    entry[arm]["roc_auc"] = mean_and_std([r[f"{arm}_roc_auc"] for r in have])
                 if arm in ("kd", "fm", "data_free"):
-                    entry[arm]["gap_closed"] = mean_std(
+                    entry[arm]["gap_closed"] = mean_and_std(
                         [_gap(r[f"{arm}_accuracy"], r[f"{best}_accuracy"], r["teacher_accuracy"]) for r in have]
                     )
-                    entry[arm]["of_teacher"] = mean_std([r[f"{arm}_accuracy"] / r["teacher_accuracy"] for r in have])
+                    entry[arm]["of_teacher"] = mean_and_std(
+                        [r[f"{arm}_accuracy"] / r["teacher_accuracy"] for r in have]
+                    )
             summary.append(entry)
 
     def cell(pair, digits=3):
@@ -279,7 +276,7 @@ def write_summary(rows: list[dict], args: argparse.Namespace, out: Path) -> None
         "Test split, mean ± std over seeds; configs `examples/<dataset>.yaml`, teacher trained once per seed "
         "and loaded by URI. `labelled`: the share of the transfer set that keeps labels (the rest is "
         "unlabelled, seen by students through the teacher only). Gap closed = (student - baseline) / "
-        "(teacher - baseline) per seed, the baseline being the better labels-only student; it is "-" where the "
+        "(teacher - baseline) per seed, the baseline being the better labels-only student; it is '-' where the "
         "teacher is less than half a point above the baseline (there is no gap to close).\n\n" + table
     )
 
@@ -309,7 +306,7 @@ def tables(args: argparse.Namespace) -> None:
                         cfg = load_config(ROOT / "examples" / f"{name}.yaml", run_sets)
                         with contextlib.redirect_stdout(sys.stderr):
                             result = run_distillation(cfg)
-                        teacher_uri = teacher_uri or _teacher_uri(result)
+                        teacher_uri = teacher_uri or teacher_uri(result)
                         roles = ("teacher", "baseline", "student") if kind == "mlp" else ("baseline", "student")
                         for role in roles:
                             out = role if kind == "mlp" else {"baseline": "tree_baseline", "student": "tree"}[role]
@@ -326,7 +323,7 @@ def tables(args: argparse.Namespace) -> None:
             entry: dict = {"dataset": name, "train_fraction": fraction, "seeds": len(sel)}
             for role in TABLE_ROLES:
                 for metric in TABLE_METRICS:
-                    entry[f"{role}_{metric}"] = mean_std([r[f"{role}_{metric}"] for r in sel])
+                    entry[f"{role}_{metric}"] = mean_and_std([r[f"{role}_{metric}"] for r in sel])
             for student, base in (("student", "baseline"), ("tree", "tree_baseline")):
                 (s_mean, s_std), (b_mean, b_std) = entry[f"{student}_test_accuracy"], entry[f"{base}_test_accuracy"]
                 entry[f"{student}_minus_{base}"] = s_mean - b_mean
@@ -373,14 +370,6 @@ def tables(args: argparse.Namespace) -> None:
         f"{args.flights_rows:,} rows sampled, split by time), the tree `{TREE}` distilled from the same "
         f"teacher by URI.\n\n{table}\n\n" + "\n".join(verdicts) + "\n"
     )
-
-
-def _teacher_uri(result) -> str:
-    from mlflow.tracking import MlflowClient
-
-    from kd_ops.registry.tracking import TAG_TEACHER_URI
-
-    return MlflowClient(result.tracking_uri).get_run(result.runs["teacher"]).data.tags[TAG_TEACHER_URI]
 
 
 if __name__ == "__main__":

@@ -38,6 +38,14 @@ def save_results(out: str, text: str, payload: dict[str, Any]) -> None:
     Path(f"{out}.json").write_text(json.dumps(payload, indent=1, default=str))
 
 
+def mean_and_std(values: list[float]) -> tuple[float, float]:
+    """(mean, std) over seeds (std 0 for one value); NaN entries are left out, nothing left gives NaNs."""
+    vals = [v for v in values if v == v]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
 def mean_std(values: list[float], fmt: str = ".3f") -> str:
     """`mean ± std` over seeds or rounds (std 0 for one value); NaN entries are left out, and
     nothing left gives "-"."""
@@ -46,3 +54,13 @@ def mean_std(values: list[float], fmt: str = ".3f") -> str:
         return "-"
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
     return f"{statistics.fmean(vals):{fmt}} ± {sd:{fmt}}"
+
+
+def teacher_uri(result: Any) -> str:
+    """The model URI of a distillation's teacher (trained in the run or given), from its run's tags:
+    what a benchmark passes as `teacher.uri` so that every later run distils from the same teacher."""
+    from mlflow.tracking import MlflowClient
+
+    from kd_ops.registry.tracking import TAG_TEACHER_URI
+
+    return MlflowClient(result.tracking_uri).get_run(result.runs["teacher"]).data.tags[TAG_TEACHER_URI]
