@@ -2,7 +2,8 @@
 bag-of-embeddings student; the registered model takes raw strings (the tokenizer travels inside
 it), per-slice accuracy by text length, and `kd-ops serve` answers text records on real HTTP and
 logs the text as sent; the monitor tests a text column through Evidently's text descriptors and
-finds typos, new words and plot summaries among reviews, but not clean traffic. Real MLflow
+finds typos, new words and plot summaries among reviews, but not clean traffic; re-distillation
+trains a candidate on logged texts labelled by the teacher. Real MLflow
 (SQLite), a real server process, real Evidently reports."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..servers import ServerProcess, free_port
 pytestmark = pytest.mark.slow
 
 NAME = "rt-text"
+TEXT_RAW: dict = {}  # the fixture's config, for the re-distillation test
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,7 @@ def text_run(tracking_uri, tmp_path_factory):
         "distill": {"cache": {"dir": str(root / "cache")}},
         "gates": {},
     }
+    TEXT_RAW.update(raw)
     return run_distillation(config_from_dict(raw, "text")), tracking_uri, root
 
 
@@ -137,3 +140,33 @@ def test_the_monitor_reads_text_drift_from_its_descriptors(text_run, tmp_path, s
     drifted = {d for d, v in text["descriptors"].items() if v["drifted"]}
     assert moved <= drifted and text["drifted"] == bool(moved), text
     assert "drift_score_text.length" in out.metrics
+
+
+def test_redistillation_trains_a_candidate_on_logged_texts_labelled_by_the_teacher(text_run, tmp_path):
+    from kd_ops.data.scenarios import sample
+    from kd_ops.models.loading import load_model
+    from kd_ops.pipeline.redistill import run_redistillation
+    from kd_ops.prediction_log.store import open_store, predictions
+    from kd_ops.registry.tracking import open_tracking
+
+    from ..conftest import table_log_rows
+
+    result, uri, _ = text_run
+    dm = result.datamodule
+    version = result.registered["version"]
+    open_tracking(uri).set_registered_model_alias(NAME, "champion", version)
+    frame = dm.schema.decode(sample(dm, "typos", 300, seed=9)[0])
+    store = f"sqlite:///{tmp_path}/log.db"
+    rows = table_log_rows(NAME, version, frame, load_model(f"models:/{NAME}/{version}").predict_proba(frame))
+    engine = open_store(store)
+    with engine.begin() as conn:
+        conn.execute(predictions.insert(), rows)
+    engine.dispose()
+    raw = {
+        **TEXT_RAW,
+        "monitor": {"store": store, "workspace": None},
+        "redistill": {"production_rows": 300, "max_reference_drop": 1.0, "min_recent_gain": -1.0},
+    }
+    out = run_redistillation(config_from_dict(raw, "text"), trigger="test: text drift")
+    assert out.candidate_version is not None and out.rows["teacher_labels"] == out.rows["production_rows"] == 300
+    assert set(out.accuracy["recent"]) == {"champion", "candidate"}
