@@ -245,7 +245,7 @@ class TableSchema:
 
     def encode_counting(self, frame: pd.DataFrame, where: str = "data") -> tuple[np.ndarray, dict[str, int]]:
         """`encode`, and per text column how many texts were longer than its `max_length` (and so
-        truncated): what the server and the monitor report."""
+        truncated)."""
         out = np.empty((len(frame), self.width), dtype=np.float32)
         truncated: dict[str, int] = {}
         for j, col in enumerate(self.columns):

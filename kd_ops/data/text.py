@@ -18,7 +18,7 @@ Defined behaviour of awkward texts (docs/text.md):
 - an empty string, a string of spaces, and a missing value (None, NaN) encode to no tokens: the
   networks read them as an empty text (their pooled embedding is zero);
 - a text longer than `max_length` tokens is truncated to its first `max_length` tokens;
-  `encode_texts` counts them, and the server and the monitor report the count;
+  `encode_texts` and `TableSchema.encode_counting` count them;
 - a value that is not a string (a number, a list) is an error naming the column and the row.
 """
 

@@ -40,7 +40,8 @@ def register_boosted_teacher(name: str, params: type[Params]):
 
 
 def _categorical_positions(schema: Any) -> list[int]:
-    return schema.of_kind("categorical") if schema is not None else []
+    """The slots of the categorical columns in an encoded row."""
+    return [schema.offset(j) for j in schema.of_kind("categorical")] if schema is not None else []
 
 
 class LightGBMParams(Params):
@@ -132,9 +133,9 @@ def fit_hist_gradient_boosting(p: HistGradientBoostingParams, x, y, x_val, y_val
     mask = np.zeros(x.shape[1], dtype=bool)
     mask[cats] = True
     # scikit-learn's native categories need fewer than max_bins (255) values: wider columns stay ordinal
-    for j in cats:
+    for j in schema.of_kind("categorical") if schema is not None else []:
         if schema.columns[j].categories and len(schema.columns[j].categories) >= 255:
-            mask[j] = False
+            mask[schema.offset(j)] = False
     model = HistGradientBoostingClassifier(
         max_iter=p.max_iter,
         learning_rate=p.learning_rate,

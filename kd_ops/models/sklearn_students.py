@@ -114,7 +114,7 @@ def soft_to_weighted(
     x = x if sparse.issparse(x) else np.asarray(x)  # TF-IDF features of texts stay sparse
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or len(probs) != x.shape[0]:
-        raise ValueError(f"probs must be (n_rows, n_classes) with n_rows={len(x)}, got shape {probs.shape}")
+        raise ValueError(f"probs must be (n_rows, n_classes) with n_rows={x.shape[0]}, got shape {probs.shape}")
     if not np.isfinite(probs).all() or (probs < 0).any():
         raise ValueError("probs must be finite and non-negative")
     keep = probs >= min_weight
@@ -271,6 +271,16 @@ def soft_classifier(estimator: BaseEstimator, min_weight: float, schema: Any = N
     """The soft-target wrapper of `estimator`; on a table (`schema`), with `table_preprocessor` in
     front when the estimator cannot take missing values (logistic regression)."""
     needs = schema is not None and (schema.has_text or not _takes_missing(estimator))
+    if needs and schema.has_text:
+        from sklearn.utils import get_tags
+
+        from kd_ops.core.errors import ConfigError
+
+        if not get_tags(estimator).input_tags.sparse:
+            raise ConfigError(
+                f"distill.params.model: {type(estimator).__name__} takes no sparse input, and a table with text "
+                "reaches a scikit-learn student as sparse TF-IDF features: use logistic_regression"
+            )
     prep = table_preprocessor(schema) if needs else None
     return SoftTargetClassifier(estimator, min_weight=min_weight, preprocessor=prep)
 

@@ -165,6 +165,11 @@ def _train_boosted_teacher(section: ModelSection, dm: DistillDataModule, seed: i
     from kd_ops.models.estimators import BOOSTED_TEACHERS, EstimatorTeacher
 
     entry = BOOSTED_TEACHERS.get(section.model)
+    if dm.schema is not None and dm.schema.has_text and section.model != "pretrained_text":
+        raise ConfigError(
+            f"teacher.model = {section.model!r}: a boosted ensemble would read a text's token ids as numbers; "
+            "on a table with text the teacher is a network (transformer) or pretrained_text"
+        )
     (x, y), (xv, yv) = dm.arrays("train"), dm.arrays("val")
     mlflow.log_params({"model": section.model, **{f"model.{k}": v for k, v in section.params.items()}})
     t0 = time.perf_counter()

@@ -168,7 +168,7 @@ class Health(BaseModel):
 
 class ColumnInfo(BaseModel):
     name: str
-    kind: Literal["numeric", "categorical", "boolean"]
+    kind: Literal["numeric", "categorical", "boolean", "text"]
 
 
 class ModelInfo(BaseModel):

@@ -37,8 +37,8 @@ OBJECT_TEACHER = "object:"  # lineage of a teacher handed over as a Python objec
 
 
 def _same_columns(a: TableSchema, b: TableSchema) -> bool:
-    """Encoded rows mean the same to both: same columns, kinds and category codes, in order."""
-    key = lambda s: [(c.name, c.kind, c.categories) for c in s.columns]  # noqa: E731
+    """Encoded rows mean the same to both: same columns, kinds, category codes and tokenizers, in order."""
+    key = lambda s: [(c.name, c.kind, c.categories, c.tokenizer, c.max_length) for c in s.columns]  # noqa: E731
     return key(a) == key(b)
 
 

@@ -147,3 +147,21 @@ def test_the_scikit_learn_student_reads_texts_as_tfidf_and_saves_pickle_free(tmp
     skops.io.dump(student, tmp_path / "s.skops")
     back = load_skops_file(tmp_path / "s.skops", "test", allow_pickle=False)
     np.testing.assert_allclose(back.predict_proba(x[150:]), student.predict_proba(x[150:]))
+
+
+def test_students_and_teachers_that_cannot_read_text_are_refused(tracking_uri):
+    from kd_ops.models.sklearn_students import fit_soft
+    from kd_ops.pipeline.distillation import run_distillation
+
+    table = _prepared(_frame(), max_length=16)
+    soft = np.eye(2)[table.y]
+    with pytest.raises(ConfigError, match="takes no sparse input.*use logistic_regression"):
+        fit_soft("gradient_boosting", {}, table.x[:150], soft[:150], seed=0, schema=table.schema)
+    raw = {
+        "data": {"label": "label", "text": ["review"], "max_length": 16, "vocab_size": 300},
+        "teacher": {"model": "lightgbm"},
+        "tracking": {"uri": tracking_uri, "experiment": "text-refusals"},
+        "train": {"progress_bar": False},
+    }
+    with pytest.raises(ConfigError, match="a boosted ensemble would read a text's token ids as numbers"):
+        run_distillation(config_from_dict(raw, "t"), data=_frame())
