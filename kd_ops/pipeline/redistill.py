@@ -228,7 +228,7 @@ def table_schema(dm: Any, champion_model: Any, name: str, champion: str) -> Any:
             what = "the same columns of other kinds"
         elif served.classes != schema.classes:
             what = f"classes {list(served.classes)[:8]} against {list(schema.classes)[:8]}"
-        elif any((a.tokenizer, a.max_length) != (b.tokenizer, b.max_length) for a, b in zip(served.columns, schema.columns)):
+        elif [(c.tokenizer, c.max_length) for c in served.columns] != [(c.tokenizer, c.max_length) for c in schema.columns]:
             what = "other text tokenizers"
         else:
             what = "other category vocabularies"
