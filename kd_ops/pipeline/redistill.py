@@ -228,7 +228,9 @@ def table_schema(dm: Any, champion_model: Any, name: str, champion: str) -> Any:
             what = "the same columns of other kinds"
         elif served.classes != schema.classes:
             what = f"classes {list(served.classes)[:8]} against {list(schema.classes)[:8]}"
-        elif [(c.tokenizer, c.max_length) for c in served.columns] != [(c.tokenizer, c.max_length) for c in schema.columns]:
+        elif [(c.tokenizer, c.max_length) for c in served.columns] != [
+            (c.tokenizer, c.max_length) for c in schema.columns
+        ]:
             what = "other text tokenizers"
         else:
             what = "other category vocabularies"
