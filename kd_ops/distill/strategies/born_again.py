@@ -31,7 +31,8 @@ class BornAgain(Strategy):
         current, seconds = teacher, 0.0
         with contextlib.ExitStack() as chain:  # each generation's run stays open while the next one trains
             for gen in range(1, self.params.generations + 1):
-                chain.enter_context(trainer.child_run(f"generation-{gen}", "generation", **{"kd_ops.generation": str(gen)}))
+                tags = {"kd_ops.generation": str(gen)}
+                chain.enter_context(trainer.child_run(f"generation-{gen}", "generation", **tags))
                 mlflow.log_params({"generation": gen, **trainer.student_params()})
                 student, gen_seconds = kd.train(trainer, current, trainer.new_student(1 + gen))
                 seconds += gen_seconds
