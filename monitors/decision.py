@@ -8,7 +8,7 @@ from typing import Any
 from kd_ops.config.monitoring import MonitorConfig, Threshold
 from kd_ops.evaluation.reference import Reference
 from monitors.alerts import Alert, Reason
-from monitors.signals import drift_report, label_free_metrics, quality_metrics, unseen_metrics
+from monitors.signals import drift_report, label_free_metrics, quality_metrics, truncated_metrics, unseen_metrics
 from monitors.window import Window
 
 
@@ -84,16 +84,21 @@ def judge(window: Window, reference: Reference, cfg: MonitorConfig) -> MonitorRe
     unseen, unseen_columns = unseen_metrics(window)
     for name in window.unseen:
         result.columns.setdefault(name, {})["unseen_share"] = unseen[f"unseen_category_share_{name}"]
+    truncated = truncated_metrics(window)
+    for name in window.truncated:
+        result.columns.setdefault(name, {})["truncated_share"] = truncated[f"truncated_text_share_{name}"]
     quality_snapshot, quality, skipped_q = quality_metrics(window, reference, cfg)
     if quality_snapshot is not None:
         result.snapshots["quality"] = quality_snapshot
     free, skipped_f = label_free_metrics(window, reference, cfg)
-    result.metrics = {**drift, **unseen, **quality, **free}
+    result.metrics = {**drift, **unseen, **truncated, **quality, **free}
     result.skipped += skipped_q + skipped_f
     result.skipped += [f"drift of column {n}: {c['note']}" for n, c in result.columns.items() if c.get("note")]
     named = {
         "drift_share": [n for n, c in result.columns.items() if c.get("drifted")],
         "unseen_category_share": unseen_columns,
+        # the text columns: what a text model's embeddings mostly read
+        "embedding_drift": [c.name for c in window.schema.columns if c.kind == "text"] if window.schema else [],
     }
     result.status, result.reasons, notes = decide(result.metrics, cfg, named)
     result.skipped += notes

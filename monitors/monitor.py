@@ -14,6 +14,9 @@ Signals, each compared with the reference stored when the student was distilled:
                     from confidence by a threshold set on the reference (ATC)
   unseen categories tables: share of rows with a category the training split never held, and
                     per column (the reasons name the columns); not a test, a count
+  embedding drift   tables with text: a classifier two-sample test on the served network's
+                    embeddings (the input of its head) of window and reference rows
+  truncated texts   the share of each text column's texts longer than its max_length; a count
 A window with fewer than `min_rows` rows says so (status "insufficient") instead of guessing;
 signals without enough rows (labels, a slice, shadow scores) are skipped and listed.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from typing import Any
 
 from kd_ops.config.experiment import ExperimentConfig
 from kd_ops.evaluation.reference import load_reference
@@ -45,6 +49,22 @@ from monitors.window import (
 )
 
 log = logging.getLogger(__name__)
+
+
+_EMBEDDERS: dict[tuple[str, str, str], Any] = {}
+
+
+def _embedder(name: str, version: str, allow_pickle: bool) -> Any:
+    """The served version's embedder (`kd_ops.models.embedding`), loaded once per process and
+    version: a deployed monitor that runs every few minutes downloads the model once."""
+    import mlflow
+
+    key = (mlflow.get_tracking_uri(), name, version)
+    if key not in _EMBEDDERS:
+        from kd_ops.models.embedding import load_embedder
+
+        _EMBEDDERS[key] = load_embedder(f"models:/{name}/{version}", allow_pickle=allow_pickle)
+    return _EMBEDDERS[key]
 
 
 def run_monitor(
@@ -77,6 +97,8 @@ def run_monitor(
             schema = served_schema(name, version, allow_pickle=cfg.allow_pickle)
         shape, slicer = (reference.x.shape[1], reference.probabilities.shape[1]), reference.input_slicer()
         window = window_from_frame(frame, name, *shape, schema=schema, slicer=slicer)
+        if m.embedding_drift and schema is not None and schema.has_text:
+            window = dataclasses.replace(window, embed=_embedder(name, version, cfg.allow_pickle))
         if m.label_window_rows:
             if longer is None:  # a window by minutes (or the whole log): the labels' stretch is read by rows
                 longer = read_window(m.store, name, max(m.label_window_rows, len(frame)))

@@ -265,6 +265,55 @@ def _text_descriptors(schema: Any, name: str) -> list[Any]:
     ]
 
 
+EMBEDDINGS = "embeddings"  # the name of the served network's embeddings in the drift report
+
+
+def _embedding_columns(
+    window: Window, reference: Reference, cur_df: pd.DataFrame, ref_df: pd.DataFrame, taken: set[str]
+) -> list[str]:
+    """Add the served model's embeddings of the window's and the reference's encoded rows
+    (`Window.embed`, `kd_ops.models.embedding`) to both frames, a column per dimension; their
+    names, or [] where the window carries no embedder."""
+    if window.embed is None or not window.rows or not len(reference.x):
+        return []
+    cur, ref = window.embed(window.x), window.embed(reference.x)
+    names = [_unique_name(f"{EMBEDDINGS}_{i}", taken) for i in range(cur.shape[1])]
+    cur_df[names] = pd.DataFrame(cur, index=cur_df.index)
+    ref_df[names] = pd.DataFrame(ref, index=ref_df.index)
+    return names
+
+
+def _auc_null_std(reference_rows: int, window_rows: int) -> float:
+    """The standard deviation of a held-out ROC AUC under no drift (Mann-Whitney's U over n1
+    reference and n2 window rows; Evidently's model method holds out half of each)."""
+    n1, n2 = max(reference_rows // 2, 1), max(window_rows // 2, 1)
+    return float(np.sqrt((n1 + n2 + 1) / (12.0 * n1 * n2)))
+
+
+def _embedding_drift(reference_rows: int, window_rows: int) -> Any:
+    """Evidently's EmbeddingsDrift by its model method: a classifier (SGD, logistic loss) trained on
+    half of the rows to tell window from reference, its ROC AUC on the other half. Its own drift
+    verdict (in the report) is set at the AUC that no drift exceeds with probability 0.001."""
+    from evidently.metrics import EmbeddingsDrift
+    from evidently.metrics.embeddings import ModelDriftMethod
+
+    threshold = 0.5 + 3.09 * _auc_null_std(reference_rows, window_rows)
+    return EmbeddingsDrift(embeddings_name=EMBEDDINGS, drift_method=ModelDriftMethod(threshold=threshold))
+
+
+def _embedding_metrics(auc: float, reference_rows: int, window_rows: int) -> dict[str, float]:
+    """`embedding_drift`: the AUC above chance (0 where none), judged at `monitor.rate_p_value`
+    with `embedding_drift_p_value`, one-sided, from the AUC's normal approximation under no drift."""
+    from scipy.stats import norm
+
+    z = (auc - 0.5) / _auc_null_std(reference_rows, window_rows)
+    return {
+        "embedding_drift": max(auc - 0.5, 0.0),
+        "embedding_drift_auc": auc,
+        "embedding_drift_p_value": float(norm.sf(z)),
+    }
+
+
 def _table_drift(
     window: Window, reference: Reference, p_value: float
 ) -> tuple[Any, dict[str, float], dict[str, dict[str, Any]]]:
@@ -309,10 +358,12 @@ def _table_drift(
         df[confidence] = probs.max(axis=1)
         for name, col in zip(shared, slice_cols):
             df[col] = np.asarray(slices[name], dtype=str)
+    embedded = _embedding_columns(window, reference, cur_df, ref_df, taken | {predicted, confidence, *slice_cols})
     definition = DataDefinition(
         numerical_columns=[*(f for f in features if kinds[f] == "numeric"), confidence],
         categorical_columns=[*(f for f in features if kinds[f] in ("categorical", "boolean")), predicted, *slice_cols],
         text_columns=[f for f in features if kinds[f] == "text"],
+        embeddings={EMBEDDINGS: embedded} if embedded else None,
     )
     descriptors = [d for t in texts for d in _text_descriptors(schema, t)]
     threshold = p_value if len(ref_df) <= EVIDENTLY_SMALL_REFERENCE else None
@@ -322,6 +373,8 @@ def _table_drift(
     ]
     if tested:  # Evidently's own table of drifted columns, for the report's reader
         metrics.insert(0, DriftedColumnsCount(columns=tested, threshold=threshold))
+    if embedded:
+        metrics.append(_embedding_drift(len(ref_df), len(cur_df)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant columns, pandas' downcasting notes inside Evidently
         snapshot = Report(metrics, include_tests=True).run(
@@ -366,6 +419,8 @@ def _table_drift(
             "drifted": any(columns[d]["drifted"] for d in parts),
             "descriptors": {d.split(".", 1)[1]: columns[d] for d in parts},
         }
+    if embedded:
+        out.update(_embedding_metrics(float(results[-1]["value"]), len(ref_df), len(cur_df)))
     drifted = [f for f in features if columns[f]["drifted"]]
     out["drift_share"] = len(drifted) / len(features)
     out["drifted_columns"] = float(len(drifted))
@@ -386,6 +441,14 @@ def unseen_metrics(window: Window) -> tuple[dict[str, float], list[str]]:
     out.update({f"unseen_category_share_{name}": share for name, share in shares.items()})
     named = sorted((n for n, s in shares.items() if s > 0), key=lambda n: (-shares[n], n))
     return out, named
+
+
+def truncated_metrics(window: Window) -> dict[str, float]:
+    """Per text column the share of the window's texts longer than its `max_length`, which the
+    model read cut to their first `max_length` tokens. Not a test either: a rising share says
+    the traffic's texts grew beyond what the model was built to read (raise `data.max_length`
+    and re-distil). Empty without text columns."""
+    return {f"truncated_text_share_{name}": float(mask.mean()) for name, mask in window.truncated.items() if window.rows}
 
 
 def quality_metrics(

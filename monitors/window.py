@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -52,6 +52,11 @@ class Window:
     schema: "TableSchema | None" = None
     table: pd.DataFrame | None = None
     unseen: dict[str, np.ndarray] = field(default_factory=dict)  # column -> (n,) bool
+    # Per text column which rows held a text longer than its max_length (the model read it cut).
+    truncated: dict[str, np.ndarray] = field(default_factory=dict)  # column -> (n,) bool
+    # Encoded rows -> the served network's embeddings (the input of its last linear layer), for
+    # embedding drift; None where the served model is not a network or the monitor did not load it.
+    embed: Callable[[np.ndarray], np.ndarray] | None = None
     # Labels arrive late and for some rows only: with `monitor.label_window_rows`, accuracy is
     # judged on the labelled rows of the served version over a longer stretch of the log than the
     # window (a window of its own, labelled rows only); None: on the window's own labelled rows.
@@ -97,6 +102,8 @@ class Window:
             out["labelled_first"], out["labelled_last"] = self.feedback.first, self.feedback.last
         if self.schema is not None:
             out["unseen_category_rows"] = int(self.unseen_rows.sum())
+        for name, mask in self.truncated.items():
+            out[f"truncated_texts_{name}"] = int(mask.sum())
         return out
 
 
@@ -123,9 +130,11 @@ def _row_name(frame: pd.DataFrame, i: int) -> str:
     return f"id={frame['id'].iloc[i]!r}" if "id" in frame.columns else str(i)
 
 
-def _table_rows(frame: pd.DataFrame, schema: "TableSchema") -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Encoded rows of a table window, and per categorical column the rows whose value the
-    training split never held. Records (what the server logs for a table) are encoded with
+def _table_rows(
+    frame: pd.DataFrame, schema: "TableSchema"
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Encoded rows of a table window, per categorical column the rows whose value the training
+    split never held, and per text column the rows whose text was truncated. Records (what the server logs for a table) are encoded with
     `schema.encode(strict=False)`: a field the model does not take is ignored, as the server
     ignored it; lists are encoded rows as older servers logged them (their unseen values are
     lost: NaN already)."""
@@ -135,20 +144,23 @@ def _table_rows(frame: pd.DataFrame, schema: "TableSchema") -> tuple[np.ndarray,
     is_record = values.map(lambda v: isinstance(v, dict)).to_numpy(dtype=bool)
     x = np.empty((len(frame), schema.width), dtype=np.float32)
     unseen = {c.name: np.zeros(len(frame), dtype=bool) for c in schema.columns if c.kind == "categorical"}
+    truncated = {c.name: np.zeros(len(frame), dtype=bool) for c in schema.columns if c.kind == "text"}
     if (~is_record).any():
         x[~is_record] = _matrix(values[~is_record], "inputs", schema.width)
     if is_record.any():
         index = frame["id"][is_record] if "id" in frame.columns else None
         raw = pd.DataFrame.from_records(values[is_record].tolist(), index=index)
         try:
-            x[is_record] = schema.encode(raw, where="column 'inputs'", strict=False)
+            x[is_record], cut = schema.encode_counting(raw, where="column 'inputs'", strict=False)
         except ConfigError as exc:
             raise WindowError(str(exc)) from None
+        for name, mask in cut.items():
+            truncated[name][is_record] = mask
         # A value that is present in the record but NaN once encoded is a category never seen in training.
         for name in unseen:
             present = category_keys(raw[name]).notna().to_numpy()
             unseen[name][is_record] = present & np.isnan(x[is_record, schema.position(name)])
-    return x, unseen
+    return x, unseen, truncated
 
 
 def _fill_slices(stored: dict[str, np.ndarray], x: np.ndarray, slicer: "Slicer | None") -> dict[str, np.ndarray]:
@@ -184,8 +196,9 @@ def window_from_frame(
     version = str(frame["model_version"].iloc[-1])  # the version that served the newest prediction
     frame = frame[frame["model_version"].astype(str) == version].reset_index(drop=True)
     unseen: dict[str, np.ndarray] = {}
+    truncated: dict[str, np.ndarray] = {}
     if schema is not None:
-        x, unseen = _table_rows(frame, schema)  # NaN is a missing value there, not a fault
+        x, unseen, truncated = _table_rows(frame, schema)  # NaN is a missing value there, not a fault
     else:
         records = frame["inputs"].map(lambda v: isinstance(v, dict))
         if records.any():
@@ -231,6 +244,7 @@ def window_from_frame(
         schema=schema,
         table=typed_columns(schema, x) if schema is not None else None,
         unseen=unseen,
+        truncated=truncated,
     )
 
 

@@ -87,6 +87,12 @@ class MonitorThresholds(_Section):
     agreement_drop: Threshold = _threshold(0.03, 0.06, "reference agreement with the teacher minus the window's")
     # Not a sample statistic: a category the model never saw is encoded as missing, so 5% of rows
     # carrying one is a change upstream (a new code, a renamed value) worth a look, 10% an alert.
+    # A classifier two-sample test (Lopez-Paz & Oquab 2017): Evidently's model method trains a
+    # classifier to tell the window's embeddings from the reference's; its ROC AUC minus 0.5 on
+    # held-out rows is the signal, judged at `rate_p_value` (Mann-Whitney's null of the AUC).
+    embedding_drift: Threshold = _threshold(
+        0.05, 0.10, "text tables: ROC AUC above 0.5 of a classifier telling the window's embeddings from the reference's"
+    )
     unseen_category_share: Threshold = _threshold(
         0.05, 0.10, "tables: share of rows with a category value the training split never held"
     )
@@ -107,6 +113,11 @@ class MonitorConfig(_Section):
     min_labelled_rows: int = Field(100, ge=1, description="fewer labelled rows: accuracy is not judged")
     min_slice_rows: int = Field(30, ge=1, description="fewer rows in a slice: that slice is not judged")
     drift_p_value: float = Field(0.05, gt=0, lt=1, description="per-feature drift test level")
+    embedding_drift: bool = Field(
+        True,
+        description="tables with text: compare the served network's embeddings (the input of its head) of the"
+        " window and the reference rows (Evidently's EmbeddingsDrift; the monitor loads the served model for it)",
+    )
     rate_p_value: float = Field(
         0.001,
         gt=0,

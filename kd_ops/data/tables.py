@@ -96,6 +96,20 @@ class Column:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Column":
+        """A stored column back; a text column must carry its tokenizer (a model without it
+        could not read a single request) and a positive `max_length`, else a `ValueError` naming it."""
+        if raw.get("kind") == "text":
+            name = raw.get("name")
+            if not raw.get("tokenizer"):
+                raise ValueError(f"text column {name!r}: its tokenizer is missing")
+            from kd_ops.data.text import tokenizer_from_json
+
+            try:
+                tokenizer_from_json(str(raw["tokenizer"]))
+            except Exception as exc:  # noqa: BLE001 - tokenizers raises its own Exception type
+                raise ValueError(f"text column {name!r}: its tokenizer cannot be read ({str(exc)[:200]})") from None
+            if int(raw.get("max_length", 0)) < 1:
+                raise ValueError(f"text column {name!r}: max_length {raw.get('max_length')!r} is not a positive count")
         return cls(
             name=str(raw["name"]),
             kind=raw["kind"],
@@ -227,6 +241,14 @@ class TableSchema:
         column holding anything but true/false names the column and its first offending row.
         With `strict`, a column the model does not take is an error too (serving: a client's
         misspelt field must not pass as a missing one)."""
+        return self.encode_counting(frame, where, strict)[0]
+
+    def encode_counting(
+        self, frame: pd.DataFrame, where: str = "data", strict: bool = False
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """`encode`, and per text column which rows held a text longer than its `max_length`
+        (truncated: the model read its first `max_length` tokens). The server counts them in
+        `kd_ops_truncated_texts`, the monitor reports their share."""
         missing = [n for n in self.names if n not in frame.columns]
         if missing:
             first = missing[0]
@@ -241,20 +263,15 @@ class TableSchema:
                     f"{where}: unknown column {unknown[0]!r}{close_matches(str(unknown[0]), self.names)}; "
                     f"the model takes {list(self.names)}"
                 )
-        return self.encode_counting(frame, where)[0]
-
-    def encode_counting(self, frame: pd.DataFrame, where: str = "data") -> tuple[np.ndarray, dict[str, int]]:
-        """`encode`, and per text column how many texts were longer than its `max_length` (and so
-        truncated)."""
         out = np.empty((len(frame), self.width), dtype=np.float32)
-        truncated: dict[str, int] = {}
+        truncated: dict[str, np.ndarray] = {}
         for j, col in enumerate(self.columns):
             if col.kind == "text":
                 from kd_ops.data.text import encode_texts, text_values, tokenizer_from_json
 
                 texts = text_values(frame[col.name], f"{where}: column {col.name!r}")
                 out[:, self.span(j)], cut = encode_texts(tokenizer_from_json(col.tokenizer), texts, col.max_length)
-                truncated[col.name] = int(cut.sum())
+                truncated[col.name] = cut
             else:
                 out[:, self.offset(j)] = self._encode_column(frame, col, where)
         return out, truncated

@@ -97,8 +97,12 @@ def write_model_folder(model: Any, schema: TableSchema, folder: Path, example: n
     return folder
 
 
-def read_model_folder(folder: str | Path, uri: str = "", allow_pickle: bool = False) -> TableModel:
-    """A table model back from its data folder, with no unpickling (see the module docstring)."""
+def read_model_folder(
+    folder: str | Path, uri: str = "", allow_pickle: bool = False, module_tree: bool = False
+) -> TableModel:
+    """A table model back from its data folder, with no unpickling (see the module docstring).
+    `module_tree`: a network keeps its module tree (`torch.export.unflatten`: slower, but its
+    layers can be hooked, as `kd_ops.models.embedding` does)."""
     folder = Path(folder)
     where = uri or str(folder)
     try:
@@ -120,7 +124,8 @@ def read_model_folder(folder: str | Path, uri: str = "", allow_pickle: bool = Fa
 
         if not allow_pickle:
             check_pt2_pickle_free(path, where)
-        inner = freeze(torch.export.load(str(path)).module())
+        program = torch.export.load(str(path))
+        inner = freeze(torch.export.unflatten(program) if module_tree else program.module())
     elif fmt == "pretrained_text":
         from kd_ops.models.pretrained_text import PretrainedTextClassifier
 

@@ -325,9 +325,10 @@ def _split_input(split: Any, served: ServedModel) -> TableInput:
     return TableInput("dataframe_split.data", records, [list(columns)] * len(records))
 
 
-def _encode_table(given: TableInput, served: ServedModel) -> np.ndarray:
-    """Check every value against its column's kind, then encode (`schema.encode`, strict): the
-    encoded float32 rows the model scores, the slicer cuts and the shadow teacher reads."""
+def _encode_table(given: TableInput, served: ServedModel) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Check every value against its column's kind, then encode (`schema.encode_counting`,
+    strict): the encoded float32 rows the model scores, the slicer cuts and the shadow teacher
+    reads, and per text column the rows whose text was truncated to its `max_length`."""
     import pandas as pd
 
     schema = served.schema
@@ -341,7 +342,7 @@ def _encode_table(given: TableInput, served: ServedModel) -> np.ndarray:
                 raise RequestError(422, field, f"{field}: column {name!r} is {kind}: {why}")
     frame = pd.DataFrame.from_records(given.records, columns=list(schema.names))
     try:
-        return schema.encode(frame, where=given.base, strict=True)
+        return schema.encode_counting(frame, where=given.base, strict=True)
     except ConfigError as exc:  # the encoding's own refusal: name the record and column it names
         text = str(exc)
         column = next((n for n in schema.names if f"column {n!r}" in text), None)
@@ -352,11 +353,16 @@ def _encode_table(given: TableInput, served: ServedModel) -> np.ndarray:
         raise RequestError(422, field, f"{field}: {text.removeprefix(given.base + ': ')}") from None
 
 
-async def _table_rows(given: TableInput, served: ServedModel) -> np.ndarray:
-    """`_encode_table`, beside the loop for a large batch (pandas and the per-value checks)."""
+async def _table_rows(given: TableInput, served: ServedModel, state: ServerState) -> np.ndarray:
+    """`_encode_table`, beside the loop for a large batch (pandas and the per-value checks); the
+    truncated texts are added to the server's count (`kd_ops_truncated_texts`)."""
     if len(given.records) * max(1, served.n_features) >= OFFLOAD_VALUES:
-        return await asyncio.to_thread(_encode_table, given, served)
-    return _encode_table(given, served)
+        x, truncated = await asyncio.to_thread(_encode_table, given, served)
+    else:
+        x, truncated = _encode_table(given, served)
+    for column, cut in truncated.items():
+        state.truncated_texts[column] = state.truncated_texts.get(column, 0) + int(cut.sum())
+    return x
 
 
 def _predict_input(req: Any, served: ServedModel) -> tuple[str, Any]:
@@ -751,7 +757,7 @@ async def predict(request: Request, state: ServerStateDep) -> Response:
     records = None
     if key == "records":
         records = given
-        x = await _table_rows(_records_input(given, "records", served), served)
+        x = await _table_rows(_records_input(given, "records", served), served, state)
     else:
         x = _features(given, served)
     out = await _predict_and_log(state, served, x, _row_slices(req.slices, served, x), key, records)
@@ -793,7 +799,7 @@ async def invocations(request: Request, state: ServerStateDep) -> Response:
             given = _split_input(req.dataframe_split, served)
         else:
             given = _records_input(getattr(req, key), key, served)
-        x = await _table_rows(given, served)
+        x = await _table_rows(given, served, state)
         records, where = given.records, given.base
     else:
         rows, where = _invocation_rows(req, key, served)

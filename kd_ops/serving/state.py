@@ -75,6 +75,7 @@ class ServerState:
     watch_checked: str | None = None
     watch_error: str | None = None
     served_rows: int = 0
+    truncated_texts: dict[str, int] = field(default_factory=dict)  # text column -> texts cut to max_length
 
     @classmethod
     def start(cls, settings: ServeSettings) -> "ServerState":

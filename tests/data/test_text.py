@@ -66,7 +66,7 @@ def test_awkward_texts_have_a_defined_behaviour():
     frame = pd.DataFrame({"review": ["", "   ", None, np.nan, "good " * 40, "good"], "stars": [1] * 6})
     x, truncated = schema.encode_counting(frame)
     assert token_counts(x[:, :8]).tolist()[:4] == [0, 0, 0, 0]  # empty, blank and missing: no tokens
-    assert token_counts(x[:, :8])[4] == 8 and truncated == {"review": 1}  # cut to max_length, counted
+    assert token_counts(x[:, :8])[4] == 8 and truncated["review"].tolist() == [0, 0, 0, 0, 1, 0]  # cut, counted
     assert not np.isnan(x).any()
     with pytest.raises(ConfigError, match=r"column 'review' is text but row 1 holds 42 \(int\)"):
         schema.encode(pd.DataFrame({"review": ["fine", 42], "stars": [1, 2]}), where="request")
@@ -99,6 +99,21 @@ def test_the_schema_round_trips_through_json_with_its_tokenizer():
     assert back.same_encoding(schema) and back.width == schema.width
     frame = _frame(20, seed=3)
     assert np.array_equal(back.encode(frame), schema.encode(frame))
+
+
+def test_a_stored_model_without_its_tokenizer_is_a_clear_error_and_its_folder_is_left_alone(tmp_path):
+    from kd_ops.models.table_flavor import read_model_folder, write_model_folder
+
+    schema = _prepared(_frame()).schema
+    net = build_model("embedding_bag", {"dim": 4}, (schema.width,), 2, table=schema).eval()
+    folder = write_model_folder(net, schema, tmp_path / "model", schema.encode(_frame(4).drop(columns="label")))
+    stored = json.loads((folder / "schema.json").read_text())
+    for value, why in ((None, "its tokenizer is missing"), ("{not json", "its tokenizer cannot be read")):
+        stored["columns"][0]["tokenizer"] = value
+        (folder / "schema.json").write_text(json.dumps(stored))
+        with pytest.raises(ConfigError, match=rf"not a readable kd-ops table model \(text column 'review': {why}"):
+            read_model_folder(folder)
+    assert (folder / "schema.json").read_text() == json.dumps(stored)  # nothing rewritten
 
 
 def test_text_slices_are_length_terciles_and_empty():

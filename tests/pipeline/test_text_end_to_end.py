@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 NAME = "rt-text"
 TEXT_RAW: dict = {}  # the fixture's config, for the re-distillation test
+EMBEDDING: dict[str, dict] = {}  # scenario -> the monitor's metrics, through `run_monitor`
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,11 @@ def test_serve_answers_text_records_and_logs_the_text(text_run):
         assert bad.status_code == 422 and bad.json()["field"] == "records[0].text", bad.text
         mlflow_format = {"dataframe_split": {"columns": ["text"], "data": [["a fine film"]]}}
         assert requests.post(f"{url}/invocations", json=mlflow_format, timeout=30).status_code == 200
+        # Texts beyond max_length (48 tokens) are cut and counted, per column, in Prometheus' exposition.
+        long = [{"text": "a long, long review " * 30}, {"text": "short"}, {"text": "and long " * 60}]
+        assert requests.post(f"{url}/predict", json={"records": long}, timeout=30).status_code == 200
+        exposition = requests.get(f"{url}/metrics", timeout=30).text
+        assert 'kd_ops_truncated_texts_total{column="text"} 2.0' in exposition, exposition
     finally:
         proc.stop()
     with sqlite3.connect(db) as conn:
@@ -115,6 +121,7 @@ def test_the_monitor_reads_text_drift_from_its_descriptors(text_run, tmp_path, s
     from kd_ops.models.loading import load_model
     from kd_ops.prediction_log.store import open_store, predictions
     from monitors.decision import judge
+    from monitors.monitor import run_monitor
     from monitors.window import load_window
 
     from ..conftest import table_log_rows
@@ -135,11 +142,23 @@ def test_the_monitor_reads_text_drift_from_its_descriptors(text_run, tmp_path, s
     ref = load_reference(NAME, version, uri)
     window = load_window(store, NAME, ref.x.shape[1], 2, rows=1000, schema=ref.schema, slicer=ref.input_slicer())
     out = judge(window, ref, MonitorConfig(store=store))
+    EMBEDDING[scenario] = run_monitor(
+        config_from_dict({**TEXT_RAW, "monitor": {"store": store, "workspace": None}}, "text"), record=False
+    ).metrics
     text = out.columns["text"]
     assert text["kind"] == "text" and set(text["descriptors"]) == {"length", "non_letter_pct", "unknown_token_share"}
     drifted = {d for d, v in text["descriptors"].items() if v["drifted"]}
     assert moved <= drifted and text["drifted"] == bool(moved), text
     assert "drift_score_text.length" in out.metrics
+
+
+def test_the_monitor_loads_the_served_network_for_embedding_drift():
+    """`run_monitor` hooks the served student's head (`kd_ops.models.embedding`): its embeddings of
+    plot summaries and made-up words tell them from the reference's reviews; clean traffic's do not."""
+    if set(EMBEDDING) != {"clean", "typos", "new_words", "plots"}:
+        pytest.skip("needs the four monitor scenarios above")
+    p = {scenario: m["embedding_drift_p_value"] for scenario, m in EMBEDDING.items()}
+    assert p["clean"] > 0.001 and p["plots"] < 0.001 and p["new_words"] < 0.001, p
 
 
 def test_redistillation_trains_a_candidate_on_logged_texts_labelled_by_the_teacher(text_run, tmp_path):
