@@ -162,15 +162,17 @@ class ServerCollector:
         info.add_metric([current.name, current.version, current.alias], 1)
         yield info
         yield CounterMetricFamily("kd_ops_alias_swaps", "versions swapped in by the alias watcher", len(state.swaps))
-        if current.schema is not None and current.schema.has_text:
+        schema = getattr(current, "schema", None)
+        if schema is not None and schema.has_text:
             truncated = CounterMetricFamily(
                 "kd_ops_truncated_texts",
                 "texts longer than their column's max_length, cut to it before scoring, by column",
                 labels=["column"],
             )
-            for column in current.schema.of_kind("text"):
-                name = current.schema.columns[column].name
-                truncated.add_metric([name], state.truncated_texts.get(name, 0))
+            counts = getattr(state, "truncated_texts", {})
+            for column in schema.of_kind("text"):
+                name = schema.columns[column].name
+                truncated.add_metric([name], counts.get(name, 0))
             yield truncated
         plog = state.log
         if plog is not None:
