@@ -180,3 +180,15 @@ def test_students_and_teachers_that_cannot_read_text_are_refused(tracking_uri):
     }
     with pytest.raises(ConfigError, match="a boosted ensemble would read a text's token ids as numbers"):
         run_distillation(config_from_dict(raw, "t"), data=_frame())
+
+
+def test_probabilities_reads_a_registered_table_model_through_its_encoded_rows():
+    from kd_ops.evaluation.reference import probabilities
+    from kd_ops.models.table_model import TableModel
+    from kd_ops.models.zoo import freeze
+
+    schema = _prepared(_frame()).schema
+    model = TableModel(schema, freeze(build_model("embedding_bag", {"dim": 4}, (schema.width,), 2, table=schema)), "pt2")
+    frame = _frame(12, seed=4).drop(columns="label")
+    out = probabilities(model, schema.encode(frame))  # encoded rows, as the loop and re-distillation hold them
+    assert out.shape == (12, 2) and np.allclose(out, model.predict_proba(frame), atol=1e-6)
