@@ -2,7 +2,8 @@
 pretrained MiniLM sentence encoder with a head (`--teacher minilm`), into a bag of embeddings, a
 small transformer and TF-IDF logistic regression, with labels-only students beside each.
 
-For each seed and teacher kind the teacher is trained once and loaded by URI for every other run. Per labelled fraction (`data.labelled_fraction`: the rest of
+For each seed and teacher kind the teacher is trained once and loaded by URI for every other
+run. Per labelled fraction (`data.labelled_fraction`: the rest of
 the training split is unlabelled and reaches the students only through the teacher) and per
 student kind, one run gives the KD student and its labels-only baseline of the same kind and
 budget. Figures on the test split: accuracy, macro F1, fidelity (top-1 agreement with the

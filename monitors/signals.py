@@ -448,7 +448,9 @@ def truncated_metrics(window: Window) -> dict[str, float]:
     model read cut to their first `max_length` tokens. Not a test either: a rising share says
     the traffic's texts grew beyond what the model was built to read (raise `data.max_length`
     and re-distil). Empty without text columns."""
-    return {f"truncated_text_share_{name}": float(mask.mean()) for name, mask in window.truncated.items() if window.rows}
+    if not window.rows:
+        return {}
+    return {f"truncated_text_share_{name}": float(mask.mean()) for name, mask in window.truncated.items()}
 
 
 def quality_metrics(

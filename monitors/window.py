@@ -134,7 +134,8 @@ def _table_rows(
     frame: pd.DataFrame, schema: "TableSchema"
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Encoded rows of a table window, per categorical column the rows whose value the training
-    split never held, and per text column the rows whose text was truncated. Records (what the server logs for a table) are encoded with
+    split never held, and per text column the rows whose text was truncated. Records (what the
+    server logs for a table) are encoded with
     `schema.encode(strict=False)`: a field the model does not take is ignored, as the server
     ignored it; lists are encoded rows as older servers logged them (their unseen values are
     lost: NaN already)."""

@@ -91,7 +91,9 @@ class MonitorThresholds(_Section):
     # classifier to tell the window's embeddings from the reference's; its ROC AUC minus 0.5 on
     # held-out rows is the signal, judged at `rate_p_value` (Mann-Whitney's null of the AUC).
     embedding_drift: Threshold = _threshold(
-        0.05, 0.10, "text tables: ROC AUC above 0.5 of a classifier telling the window's embeddings from the reference's"
+        0.05,
+        0.10,
+        "text tables: ROC AUC above 0.5 of a classifier telling the window's embeddings from the reference's",
     )
     unseen_category_share: Threshold = _threshold(
         0.05, 0.10, "tables: share of rows with a category value the training split never held"

@@ -188,7 +188,8 @@ def test_probabilities_reads_a_registered_table_model_through_its_encoded_rows()
     from kd_ops.models.zoo import freeze
 
     schema = _prepared(_frame()).schema
-    model = TableModel(schema, freeze(build_model("embedding_bag", {"dim": 4}, (schema.width,), 2, table=schema)), "pt2")
+    net = freeze(build_model("embedding_bag", {"dim": 4}, (schema.width,), 2, table=schema))
+    model = TableModel(schema, net, "pt2")
     frame = _frame(12, seed=4).drop(columns="label")
     out = probabilities(model, schema.encode(frame))  # encoded rows, as the loop and re-distillation hold them
     assert out.shape == (12, 2) and np.allclose(out, model.predict_proba(frame), atol=1e-6)
