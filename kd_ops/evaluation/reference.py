@@ -179,13 +179,6 @@ def _columns_from_arrays(schema: "TableSchema", data: Any) -> "pd.DataFrame":
     return pd.DataFrame(columns)
 
 
-class _EncodedRows:
-    """A table model seen through its encoded-rows interface."""
-
-    def __init__(self, model: Any):
-        self.predict_proba = model.encoded_proba
-
-
 def probabilities(model: Any, x: np.ndarray) -> np.ndarray:
     """Class probabilities of any kd-ops model for rows `x`: a network's softmax, or the
     `predict_proba` of an estimator (scikit-learn, or a boosted or registered table model behind
@@ -194,10 +187,9 @@ def probabilities(model: Any, x: np.ndarray) -> np.ndarray:
 
     `x` are encoded rows; a registered table model (`TableModel`, as `load_model` gives it back)
     reads them through `encoded_proba`, its `predict_proba` taking raw records."""
-    if hasattr(model, "encoded_proba"):
-        model = _EncodedRows(model)
-    if hasattr(model, "predict_proba"):
-        out = np.asarray(model.predict_proba(x), dtype=np.float64)
+    predict = getattr(model, "encoded_proba", None) or getattr(model, "predict_proba", None)
+    if predict is not None:
+        out = np.asarray(predict(x), dtype=np.float64)
         out = np.clip(out, 0.0, None)
         return (out / np.clip(out.sum(axis=1, keepdims=True), 1e-12, None)).astype(np.float32)
     import torch
