@@ -297,7 +297,9 @@ def _embedding_drift(reference_rows: int, window_rows: int) -> Any:
     from evidently.metrics import EmbeddingsDrift
     from evidently.metrics.embeddings import ModelDriftMethod
 
-    threshold = 0.5 + 3.09 * _auc_null_std(reference_rows, window_rows)
+    from scipy.stats import norm
+
+    threshold = 0.5 + float(norm.isf(0.001)) * _auc_null_std(reference_rows, window_rows)
     return EmbeddingsDrift(embeddings_name=EMBEDDINGS, drift_method=ModelDriftMethod(threshold=threshold))
 
 
